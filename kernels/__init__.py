@@ -1,0 +1,1 @@
+"""scaleswap.kernels: batched multi-tenant low-bit matmul (Triton + CPU path)."""

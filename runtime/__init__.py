@@ -1,0 +1,1 @@
+"""scaleswap.runtime: model, quantization, scale bank, engine, trainer."""

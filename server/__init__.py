@@ -1,0 +1,1 @@
+"""scaleswap.server: OpenAI-compatible HTTP server and CLI."""
