@@ -1,0 +1,1 @@
+"""One module per `scaleswap` verb; each exposes register(subparsers)."""
