@@ -28,3 +28,12 @@ def quantized_model(quantized_base_dir):
     from scaleswap.runtime.quantize import load_quantized
 
     return load_quantized(quantized_base_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
