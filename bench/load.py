@@ -16,9 +16,10 @@ requests (whichever comes first), then waits for those in flight; elapsed time
 runs from the first measured request to the last completion. ``--warmup``
 requests are sent first, one at a time, and excluded.
 
-Prompts come from a real text available offline on every machine: the
-docstrings of a fixed list of Python standard-library modules (``--prompt-file``
-takes any UTF-8 text instead). Each prompt is a seeded random window of about
+Prompts come from a real text available offline on every machine: Python's
+reference documentation as shipped in ``pydoc_data.topics`` (the text of
+``help('topic')``, the same source as bench/corpus.py; ``--prompt-file`` takes
+any UTF-8 text instead). Each prompt is a seeded random window of about
 ``--input-tokens`` tokens (words × 1.3, the ratio of BPE tokenizers on English)
 after a one-line instruction; ``--output-tokens`` is sent as ``max_tokens``
 (add ``--ignore-eos`` where the server supports it, to pin output length).
@@ -31,8 +32,10 @@ or ``$SCALESWAP_ADMIN_KEY``) the tool first creates the N tenants
 (``POST /v1/tenants``) and uploads a distinct scale set to each: the base set
 from ``GET /v1/scales/base`` with every tensor multiplied by a seeded
 per-tenant factor 1 + σ·ε (ε ~ N(0, 1), ``--scale-noise`` σ), metadata kept.
-Requests then carry the tenant's own API key. Against other servers tenants are
-only labels (all requests use ``--api-key``).
+Requests then name the tenant as ``model`` and carry the tenant's own API key.
+Against other servers all requests use ``--api-key``, and tenants are labels
+unless ``--tenant-model-template`` (e.g. ``lora-{i}`` for vLLM multi-LoRA)
+gives each its own ``model``.
 
 Examples::
 
@@ -48,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import math
 import os
@@ -69,41 +71,22 @@ import numpy as np
 
 TOKENS_PER_WORD = 1.3  # BPE tokens per English word (approximate; actual counts come from usage)
 PROMPT_INSTRUCTION = "Summarise the following passage from the Python documentation in plain words.\n\n"
-STDLIB_MODULES = (
-    "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "hashlib", "heapq",
-    "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "mimetypes", "os", "pathlib",
-    "pickle", "pprint", "queue", "random", "re", "sched", "secrets", "shlex", "shutil", "socket", "sqlite3",
-    "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
-    "typing", "unittest", "urllib.parse", "uuid", "weakref", "zipfile",
-)  # fmt: skip
 PERCENTILES = (50, 90, 99)
 
 
 # ----------------------------------------------------------------------------- prompts
 def stdlib_corpus_words() -> list[str]:
-    """Words of the docstrings of STDLIB_MODULES and their public members, in a fixed order."""
-    import importlib
+    """Words of Python's reference documentation as shipped in ``pydoc_data.topics`` (``help('topic')``), topics sorted."""
+    import pydoc_data.topics
 
-    words: list[str] = []
-    for mod_name in STDLIB_MODULES:
-        mod = importlib.import_module(mod_name)
-        docs = [inspect.getdoc(mod) or ""]
-        for name in sorted(getattr(mod, "__all__", None) or dir(mod)):
-            if name.startswith("_"):
-                continue
-            obj = getattr(mod, name, None)
-            if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj):
-                docs.append(inspect.getdoc(obj) or "")
-        for d in docs:
-            words.extend(d.split())
-    assert len(words) > 10_000, f"stdlib corpus unexpectedly small ({len(words)} words)"
+    words = [w for _, text in sorted(pydoc_data.topics.topics.items()) for w in text.split()]
+    assert len(words) > 10_000, f"pydoc_data corpus unexpectedly small ({len(words)} words)"
     return words
 
 
 def corpus_words(prompt_file: str | None) -> tuple[list[str], str]:
     if prompt_file is None:
-        return stdlib_corpus_words(), f"python{platform.python_version()} stdlib docstrings"
+        return stdlib_corpus_words(), f"pydoc_data.topics of Python {platform.python_version()}"
     words = Path(prompt_file).read_text(encoding="utf-8", errors="replace").split()
     if len(words) < 100:
         raise ValueError(f"--prompt-file {prompt_file} has only {len(words)} words; need at least 100")
@@ -169,10 +152,13 @@ def api_root(base_url: str) -> str:
 @dataclass
 class Target:
     root: str  # http://host:port
-    model: str
-    api_keys: list[str]  # one per tenant (all equal for non-scaleswap targets)
-    tenant_ids: list[str]
+    model: str  # the base model's id
+    api_keys: list[str]  # per tenant (all equal for non-scaleswap targets)
+    tenant_models: list[str]  # per tenant: the request's `model` (scaleswap: the tenant id)
     kind: str  # "scaleswap" or "openai"
+
+    def subset(self, num_tenants: int) -> "Target":
+        return Target(self.root, self.model, self.api_keys[:num_tenants], self.tenant_models[:num_tenants], self.kind)
 
 
 async def discover_model(client: httpx.AsyncClient, root: str, api_key: str | None) -> str:
@@ -272,6 +258,7 @@ class LoadConfig:
     zipf_s: float = 1.1
     scale_noise: float = 0.01
     scaleswap_admin_key: str | None = None
+    tenant_model_template: str | None = None
     seed: int = 0
     timeout_s: float = 600.0
     prompt_file: str | None = None
@@ -408,14 +395,17 @@ async def prepare_target(client: httpx.AsyncClient, cfg: LoadConfig, tenant_pref
         ids, keys = await create_scaleswap_tenants(
             client, root, cfg.scaleswap_admin_key, cfg.tenants, cfg.seed, cfg.scale_noise, prefix
         )
-        return Target(root, model, keys, ids, "scaleswap")
+        return Target(root, model, keys, ids, "scaleswap")  # a tenant is addressed as model=<tenant id>
     if cfg.tenants > 1 and await looks_like_scaleswap(client, root):
         raise ValueError(
             "the target serves /v1/scales/base (scaleswap): pass --scaleswap-admin-key or set "
             "SCALESWAP_ADMIN_KEY so the tenants get created with their own scale sets"
         )
-    ids = [f"tenant-{i:03d}" for i in range(cfg.tenants)]  # labels only
-    return Target(root, model, [cfg.api_key or ""] * cfg.tenants, ids, "openai")
+    if cfg.tenant_model_template:  # e.g. vLLM multi-LoRA: one served adapter name per tenant
+        models = [cfg.tenant_model_template.format(i=i) for i in range(cfg.tenants)]
+    else:
+        models = [model] * cfg.tenants  # tenants are labels only
+    return Target(root, model, [cfg.api_key or ""] * cfg.tenants, models, "openai")
 
 
 async def run_load(cfg: LoadConfig, target: Target | None = None) -> dict[str, Any]:
@@ -427,7 +417,7 @@ async def run_load(cfg: LoadConfig, target: Target | None = None) -> dict[str, A
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s, connect=30.0), limits=limits) as client:
         if target is None:
             target = await prepare_target(client, cfg)
-        assert len(target.api_keys) >= cfg.tenants, "target has fewer tenants than the config asks for"
+        assert len(target.api_keys) == len(target.tenant_models) == cfg.tenants, "target/config tenant count differ"
         words, source = corpus_words(cfg.prompt_file)
         path = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
         url = target.root + path
@@ -436,7 +426,7 @@ async def run_load(cfg: LoadConfig, target: Target | None = None) -> dict[str, A
 
         def next_request() -> tuple[int, dict[str, str], dict[str, Any]]:
             tenant = int(rng.choice(cfg.tenants, p=probs))
-            body = request_body(cfg, target.model, make_prompt(words, cfg.input_tokens, rng))
+            body = request_body(cfg, target.tenant_models[tenant], make_prompt(words, cfg.input_tokens, rng))
             return tenant, auth_headers(target.api_keys[tenant] or None), body
 
         for _ in range(cfg.warmup):  # sequential, excluded from the figures
@@ -621,8 +611,7 @@ async def run_sweep(cfg: LoadConfig, concurrencies: list[int], tenant_counts: li
     for c in concurrencies:
         for t in tenant_counts:
             point_cfg = LoadConfig(**{**asdict(cfg), "concurrency": c, "request_rate": None, "tenants": t})
-            target = Target(full.root, full.model, full.api_keys[:t], full.tenant_ids[:t], full.kind)
-            s = await run_load(point_cfg, target)
+            s = await run_load(point_cfg, full.subset(t))
             print_summary(s)
             points.append(s)
     return {"points": points, "table": sweep_table(points, concurrencies, tenant_counts)}
@@ -705,13 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--temperature", type=float, default=0.0)
     ld.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (vLLM/llama.cpp) to pin output length")
     ld.add_argument("--no-usage", action="store_true", help="do not send stream_options.include_usage")
-    ld.add_argument("--prompt-file", help="UTF-8 text to draw prompts from (default: Python stdlib docstrings)")
+    ld.add_argument("--prompt-file", help="UTF-8 text to draw prompts from (default: pydoc_data.topics)")
     ld.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     ld.add_argument("--seed", type=int, default=0)
     tn = p.add_argument_group("tenants")
     tn.add_argument("--tenants", type=int, default=1)
     tn.add_argument("--tenant-dist", choices=("zipf", "uniform"), default="zipf")
     tn.add_argument("--zipf-s", type=float, default=1.1)
+    tn.add_argument("--tenant-model-template", help="non-scaleswap targets: `model` per tenant, e.g. 'lora-{i}'")
     tn.add_argument("--scale-noise", type=float, default=0.01, help="σ of the per-tenant multiplicative scale noise")
     sw = p.add_argument_group("sweep")
     sw.add_argument("--sweep", action="store_true", help="closed loop over --sweep-concurrency × --sweep-tenants")
@@ -741,7 +731,8 @@ def config_from_args(a: argparse.Namespace) -> LoadConfig:
         request_rate=a.request_rate, duration_s=a.duration, num_requests=a.num_requests, warmup=a.warmup,
         input_tokens=a.input_tokens, output_tokens=a.output_tokens, temperature=a.temperature,
         ignore_eos=a.ignore_eos, include_usage=not a.no_usage, tenants=a.tenants, tenant_dist=a.tenant_dist,
-        zipf_s=a.zipf_s, scale_noise=a.scale_noise, scaleswap_admin_key=a.scaleswap_admin_key, seed=a.seed,
+        zipf_s=a.zipf_s, scale_noise=a.scale_noise, scaleswap_admin_key=a.scaleswap_admin_key,
+        tenant_model_template=a.tenant_model_template, seed=a.seed,
         timeout_s=a.timeout, prompt_file=a.prompt_file, progress=not a.no_progress,
     )  # fmt: skip
 
