@@ -189,3 +189,44 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+@dataclass
+class EngineConfig:
+    """Serving-engine sizing (runtime/engine.py). Memory budgets are in bytes.
+
+    - KV cache: ``num_kv_blocks`` blocks of ``block_size`` tokens; when None it is
+      ``kv_cache_memory_bytes // bytes_per_block`` with bytes_per_block =
+      2 (K, V) * layers * block_size * kv_heads * head_dim * 4 (fp32).
+    - Scale bank: at most ``max_resident_tenants`` tenant scale sets resident besides the
+      base (slot 0); when None it is ``scale_bank_memory_bytes // bytes_per_scale_set``.
+      The bank grows on demand (doubling) up to that bound, so an idle engine holds little.
+    """
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 512 * 2**20
+    num_kv_blocks: int | None = None
+    max_model_len: int | None = None  # None: min(model max positions, KV capacity)
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    max_waiting: int = 256  # waiting-queue bound; beyond it submit raises QueueFullError
+    scale_bank_memory_bytes: int = 512 * 2**20
+    max_resident_tenants: int | None = None
+    seed: int = 0  # engine generator for unseeded sampling
+    device: str = "cpu"
+    num_threads: int | None = None  # torch intra-op threads for the step loop; None: leave as is
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (8, 16, 32, 64):
+            raise ValueError(f"block_size must be one of (8, 16, 32, 64), got {self.block_size}")
+        for name in ("kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "scale_bank_memory_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1 or None (from the memory budget), got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 or None, got {self.max_model_len}")
+        if self.max_resident_tenants is not None and self.max_resident_tenants < 1:
+            raise ValueError(f"max_resident_tenants must be >= 1 or None (from the memory budget), got {self.max_resident_tenants}")
