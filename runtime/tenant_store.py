@@ -198,6 +198,13 @@ class TenantStore:
                     "base_mismatch",
                 )
 
+    def bind_base(self, fingerprint: str, base_scales_path: str | Path | None = None) -> None:
+        """Bind the store to the served base once it is known (the server opens the store before the model
+        loads). Raises ``TenantStoreError(code="base_mismatch")`` if the store belongs to another base."""
+        self._check_base(fingerprint)
+        if base_scales_path is not None:
+            self.base_scales_path = Path(base_scales_path)
+
     @property
     def base_fingerprint(self) -> str | None:
         with self._lock:

@@ -1,0 +1,212 @@
+"""The FastAPI application: shared state built in ``lifespan``, one router per resource.
+
+Start-up order: the tenant store and the metrics come up at once (``/health`` answers, tenant management
+works); the model is resolved (quantized on first use if needed) and loaded in the background, and ``/ready``
+says 503 until the engine runs. Shutdown (uvicorn on SIGTERM stops accepting and waits up to
+``shutdown_timeout_s`` for in-flight requests; ``serve`` marks the state "draining" at the signal so new requests
+get 503): then the fine-tuning hooks stop, the engine aborts what is left, and the store closes.
+
+Routes: ``routes_openai`` (completions, chat, models), ``routes_tenants`` (tenants, scale sets),
+``routes_finetune`` (issue 6), and here ``/health``, ``/ready``, ``/metrics``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from scaleswap.runtime.tenant_store import TenantStore
+from scaleswap.server import routes_openai, routes_tenants
+from scaleswap.server.errors import install_error_handlers
+from scaleswap.server.limits import TenantLimiter
+from scaleswap.server.metrics import Metrics
+from scaleswap.server.protocol import HealthResponse, ReadyResponse
+from scaleswap.server.settings import ServerSettings
+from scaleswap.server.state import ServerState
+
+# LEAD: fine-tuning routes (issue 6). Enable this one line once server/routes_finetune.py exists.
+routes_finetune = None  # from scaleswap.server import routes_finetune
+
+log = logging.getLogger("scaleswap.server")
+
+
+# ------------------------------------------------------------------------------------------------ model
+def resolve_model_dir(model: str | None, bits: int, group_size: int) -> Path:
+    """``--model`` -> a quantized-base directory.
+
+    None: the default model, quantized on first use and cached. A quantized base: as is. A float model (HF
+    directory or GGUF file): quantized to (bits, group_size) on first use into the cache, keyed by its path,
+    size and mtime, under a file lock (two servers starting together quantize once).
+    """
+    from scaleswap.runtime.quantize import cache_dir, ensure_default_base, is_quantized_base
+
+    if model is None:
+        return ensure_default_base(bits, group_size, show_progress=False)
+    src = Path(model).expanduser()
+    if not src.exists():
+        raise FileNotFoundError(f"model not found: {src}")
+    if is_quantized_base(src):
+        return src
+    from scaleswap.runtime.checkpoint import load_checkpoint
+    from scaleswap.runtime.config import QuantConfig
+    from scaleswap.runtime.quantize import quantize_checkpoint
+
+    quant = QuantConfig(bits=bits, group_size=group_size)
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    gs = "pc" if group_size == -1 else f"g{group_size}"
+    out = cache_dir() / "bases" / f"{src.stem}-{key}-{bits}bit-{gs}"
+    if is_quantized_base(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_quantized_base(out):
+            print(f"scaleswap: quantizing {src} to {bits}-bit {gs} (first use; cached in {out})", file=sys.stderr)
+            quantize_checkpoint(load_checkpoint(src), quant, out, source=str(src), show_progress=False)
+    return out
+
+
+def _engine_config(settings: ServerSettings):
+    from scaleswap.runtime.config import EngineConfig
+
+    kwargs: dict[str, Any] = {"max_waiting": settings.max_waiting}
+    for name in ("max_num_seqs", "max_model_len", "max_resident_tenants"):
+        if getattr(settings, name) is not None:
+            kwargs[name] = getattr(settings, name)
+    return EngineConfig(**kwargs)
+
+
+async def _load_model(state: ServerState) -> None:
+    """Background task: resolve, load and start the engine; publish the tenants' current versions."""
+    from scaleswap.runtime.engine import Engine
+
+    s = state.settings
+    try:
+        model_dir = await asyncio.to_thread(resolve_model_dir, s.model, s.bits, s.group_size)
+        meta = json.loads((model_dir / "quant_config.json").read_text())
+        state.store.bind_base(meta["fingerprint"], model_dir / "base_scales.safetensors")
+        engine = await asyncio.to_thread(Engine.from_pretrained, model_dir, _engine_config(s), state.store.scale_loader)
+        for rec in state.store.list_tenants():
+            engine.set_tenant_version(rec.id, rec.current_version)
+        engine.start()
+        state.model_dir = model_dir
+        state.base = engine.base
+        state.base_model_id = s.served_model_name or model_dir.name
+        state.engine = engine
+        state.status = "ready"
+        state.metrics.ready.set(1)
+        log.info("model %s ready (context %d tokens)", state.base_model_id, engine.max_model_len)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported by /ready and every generation request
+        state.status = "failed"
+        state.detail = f"{type(e).__name__}: {e}"
+        log.exception("loading the model failed")
+
+
+# ------------------------------------------------------------------------------------------------ metrics middleware
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by route template, method and status (pure ASGI: streaming-safe)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            state: ServerState | None = getattr(scope["app"].state, "server", None) if "app" in scope else None
+            if state is not None:
+                state.metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
+
+
+# ------------------------------------------------------------------------------------------------ app
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = TenantStore(settings.data_dir)
+        state_ref: dict[str, ServerState] = {}
+        metrics = Metrics(settings.metrics_max_tenant_labels,
+                          stats_fn=lambda: state_ref["s"].engine.stats() if state_ref["s"].engine else None)
+        state = ServerState(settings=settings, store=store, metrics=metrics,
+                            limiter=TenantLimiter(settings.max_concurrent_per_tenant))
+        state_ref["s"] = state
+        app.state.server = state
+        metrics.tenants.set(len(store.list_tenants()))
+        if store.removed_orphans:
+            log.info("tenant store: removed %d orphan blob(s) left by an interrupted write", store.removed_orphans)
+        loader = asyncio.create_task(_load_model(state))
+        if routes_finetune is not None:
+            await routes_finetune.startup(app)
+        try:
+            yield
+        finally:
+            state.status = "draining"
+            if routes_finetune is not None:
+                await routes_finetune.shutdown(app)
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            if state.engine is not None:
+                await state.engine.shutdown(timeout_s=max(1.0, settings.shutdown_timeout_s))
+            store.close()
+
+    app = FastAPI(
+        title="scaleswap",
+        version="0.1.0",
+        summary="Multi-tenant serving of one low-bit LLM: PEQA scale sets hot-swapped per request",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_tenants.router)
+    if routes_finetune is not None:
+        app.include_router(routes_finetune.router)
+
+    @app.get("/health", response_model=HealthResponse, tags=["ops"])
+    async def health() -> HealthResponse:
+        """Alive (the process answers), whether or not the model is loaded."""
+        return HealthResponse()
+
+    @app.get("/ready", response_model=ReadyResponse, tags=["ops"],
+             responses={503: {"model": ReadyResponse, "description": "loading, failed or draining"}})
+    async def ready(request: Request) -> JSONResponse:
+        """200 once the model is loaded and the engine runs; 503 before, after a failed load, and while draining."""
+        state: ServerState = request.app.state.server
+        body = ReadyResponse(status=state.status, model=state.base_model_id, detail=state.detail)
+        return JSONResponse(body.model_dump(), status_code=200 if state.status == "ready" else 503)
+
+    @app.get("/metrics", response_class=Response, tags=["ops"],
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics (see server/metrics.py for the series and their label bounds)."""
+        return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
