@@ -89,7 +89,7 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str, di
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # truncated or corrupt: numpy/struct errors of all kinds
-        raise ValueError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path} is not a readable GGUF file: truncated or corrupt ({exc})") from None
     meta = _metadata(reader, path)
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -97,12 +97,16 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str, di
             f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     tensor_names = [t.name for t in reader.tensors]
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    embed_rows = int(embed.shape.tolist()[-1])  # GGUF lists (hidden, vocab)
     if "rope_freqs.weight" in tensor_names:
         raise ValueError(
             f"{path}: GGUF files with a rope_freqs tensor (Llama 3.1-style rope scaling) are not supported; "
             "load the Hugging Face checkpoint directory instead"
         )
-    config = _config_from_metadata(meta, tensor_names, path)
+    config = _config_from_metadata(meta, tensor_names, embed_rows, path)
     state_dict = _read_tensors(reader, config, arch, path)
     tokenizer_json = build_tokenizer_json(meta, path)
     tokenizer_config = _tokenizer_config(meta, config)
@@ -121,7 +125,7 @@ def _metadata(reader, path: Path) -> dict[str, Any]:
     return meta
 
 
-def _config_from_metadata(meta: dict[str, Any], tensor_names: list[str], path: Path) -> ModelConfig:
+def _config_from_metadata(meta: dict[str, Any], tensor_names: list[str], vocab_size: int, path: Path) -> ModelConfig:
     arch = meta["general.architecture"]
 
     def key(name: str, default: Any = ...) -> Any:
@@ -149,7 +153,7 @@ def _config_from_metadata(meta: dict[str, Any], tensor_names: list[str], path: P
         rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     return ModelConfig(
         architecture=hf_arch,
-        vocab_size=int(key("vocab_size", len(tokens))),
+        vocab_size=vocab_size,  # rows of token_embd (may exceed the tokenizer's vocabulary)
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
         num_hidden_layers=int(key("block_count")),
