@@ -1,0 +1,260 @@
+"""The fast CPU path of the multi-tenant low-bit linear (forward only; backward is in :mod:`.backward`).
+
+Semantics: Y[r] = X[r] @ (S[slot[r]] ⊙ (Q − Z))ᵀ (+ bias), as :func:`.reference.multi_tenant_linear_ref`.
+
+PyTorch offers no fused "gather a scale per row" matmul on CPU, so the path composes the fastest
+primitives it has, chosen per number of rows M (measurements: docs in ``/work/notes/kernels.md``
+and ``bench/kernels.py``):
+
+* **int4pack path** (bits <= 4, M <= :func:`int4_max_rows`): ``aten._weight_int4pack_mm_for_cpu``
+  with bf16 activations. That op computes ``x @ ((q − 8)·s + z')ᵀ`` per K-group; it is fast only
+  with bf16 activations (with fp32 ones it takes a 2–100× slower path). Any Q of <= 4 bits fits
+  its 4-bit nibbles unchanged.
+    - per channel: ONE call for the whole mixed batch with unit scales and ``z' = 8 − Z`` (so it
+      returns the shared integer product ``U = X (Q − Z)ᵀ`` exactly up to bf16 rounding), then
+      the epilogue ``Y = U ⊙ S[slot]`` gathers each row's tenant scales (DESIGN §2).
+    - group-wise: the tenant's scale sits inside the K loop, so one call per distinct tenant in
+      the batch with that tenant's ``(s, z')`` in bf16; rows are grouped by tenant.
+* **dense path** (M above the threshold, 8-bit weights, or group sizes that are not multiples
+  of 32): a lazily built float32 cache of the centered integers ``C = Q − Z`` and MKL sgemm:
+  per channel ``Y = (X Cᵀ) ⊙ S[slot]`` (one GEMM for every tenant); group-wise either per
+  distinct tenant ``X_t (C ⊙ S_t)ᵀ`` or, when many tenants share a batch, per-group partial
+  products ``Σ_g S[slot, :, g] ⊙ (X_g C_gᵀ)`` (one batched GEMM for every tenant).
+
+Memory per weight element (N·K): packed Q on disk 0.25–0.5 B; int4pack copy 0.5 B (always built
+for bits <= 4); the float32 dense cache 4 B, built only the first time a call needs it (a prefill
+of more than :func:`int4_max_rows` rows, 8-bit weights, or a backward pass). For SmolLM2-135M
+(106 M quantized weights) that is 53 MB + 425 MB. Group-wise int4 additionally keeps a bf16
+``(scale, zero)`` copy per slot in use, the size of that slot's scales.
+
+Numerics: the int4pack path rounds activations, and its output, to bf16 (8-bit mantissa: ~3
+significant digits); group-wise it also rounds each tenant's scales (and for 4-bit ``s·(8 − Z)``,
+whose cancellation against ``(Q − 8)·s`` costs up to s/32 per weight) to bf16. Bound checked by the
+tests: |Y − Y_ref| <= 2^-7 · Σ_k |X||W| (4-bit group-wise: 2^-6); in practice max |Y − Y_ref| /
+max |Y_ref| ≈ 3e-3 to 5e-3. The dense path is float32 throughout (~1e-6).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+_INT4_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_dot() -> bool:
+    """True when PyTorch's CPU kernels can use AVX512-BF16 (then bf16 matmuls are fast)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def int4_max_rows() -> int:
+    """Largest M that takes the int4pack path; above it the float32 dense path is faster.
+
+    Measured with model-like timing (bench/kernels.py): without bf16 instructions (AVX2) int4pack
+    beats sgemm up to M≈16–24 and loses from M=32; with AVX512-BF16 it wins up to M≈128.
+    Override with the environment variable ``SCALESWAP_CPU_INT4_MAX_ROWS`` (0 disables it).
+    """
+    env = os.environ.get("SCALESWAP_CPU_INT4_MAX_ROWS")
+    if env is not None:
+        return int(env)
+    return 128 if cpu_has_bf16_dot() else 16
+
+
+class CpuWeightCache:
+    """Everything the CPU path precomputes for one ``PackedLinearWeight`` (built lazily, kept)."""
+
+    def __init__(self, weight) -> None:
+        self.weight = weight  # the PackedLinearWeight (holds qweight, zeros, bits, ...)
+        N, K, G = weight.out_features, weight.in_features, weight.num_groups
+        self.N, self.K, self.G = N, K, G
+        self.group_len = K if weight.group_size == -1 else weight.group_size  # elements per group
+        self.K_groups = G * self.group_len  # K padded to whole groups
+        self._centered: torch.Tensor | None = None  # (N, K) float32
+        self._dense3: torch.Tensor | None = None  # (N, G, group_len) float32, zero padded
+        self.int4: torch.Tensor | None = None  # packed for _weight_int4pack_mm_for_cpu
+        self.bank_cache_key: tuple | None = None
+        self.slot_sz: dict[int, torch.Tensor] = {}  # slot -> (K4/qgs, N4, 2) bf16
+        self._build_int4()
+
+    # -- int4pack ---------------------------------------------------------------------------
+    def _build_int4(self) -> None:
+        w = self.weight
+        if w.bits > 4:
+            return
+        self.K4 = -(-self.K // 32) * 32  # K padded to the op's smallest group (x padded with 0)
+        if w.group_size == -1:
+            self.qgs = next(g for g in _INT4_GROUP_SIZES if self.K4 % g == 0)
+        else:
+            if w.group_size % 32:
+                return  # groups the op cannot express: dense path
+            self.qgs = next(g for g in _INT4_GROUP_SIZES if self.K4 % g == 0 and w.group_size % g == 0)
+        self.N4 = -(-self.N // 16) * 16  # the op packs 16 output rows together
+        n_qgroups = self.K4 // self.qgs
+        group_len = self.group_len if w.group_size != -1 else self.K4
+        qgroup_to_group = torch.clamp(torch.arange(n_qgroups) * self.qgs // group_len, max=self.G - 1)
+        q = w.unpacked().to(torch.int32)  # (N, K)
+        z = w.zeros.to(torch.int32)  # (N, G)
+        shift = torch.zeros((self.N4, n_qgroups), dtype=torch.float32)  # z' / s per op group
+        if w.bits <= 3:
+            # Q − Z + 8 lies in [1, 15]: store the centered integers, so z' = 0 and only s is rounded
+            z_k = z if w.group_size == -1 else z.repeat_interleave(self.group_len, dim=1)[:, : self.K]
+            q = q - z_k + 8
+        else:
+            # 4-bit Q − Z spans [-15, 15]: store Q and let z' = s·(8 − Z) shift it (bf16 rounded)
+            shift[: self.N] = 8.0 - z.to(torch.float32)[:, qgroup_to_group]
+        q_op = torch.full((self.N4, self.K4), 8, dtype=torch.int32)  # padding rows/cols
+        q_op[: self.N, : self.K] = q
+        self.int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_op, 1)  # (N4, K4/2) uint8
+        self.qgroup_to_group = qgroup_to_group  # (n_qgroups,)
+        self.zero_shift = shift  # (N4, n_qgroups)
+        # per channel: unit scales and z' = 8 − Z (4-bit) or 0: the op returns U = X (Q − Z)ᵀ exactly
+        self.unit_sz = torch.stack([torch.ones_like(shift), shift], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+    def sz_for_slot(self, scale_bank: torch.Tensor, slot: int) -> torch.Tensor:
+        """The op's ``(scale, zero)`` tensor (K4/qgs, N4, 2) bf16 for one slot of the bank (cached)."""
+        key = None if scale_bank.is_inference() else (id(scale_bank), scale_bank._version, scale_bank.data_ptr())
+        if key is None or key != self.bank_cache_key:
+            self.slot_sz = {}
+            self.bank_cache_key = key
+            self._bank_ref = scale_bank  # keep it alive so id() stays unique while cached
+        sz = self.slot_sz.get(slot)
+        if sz is None:
+            s = torch.zeros((self.N4, self.zero_shift.shape[1]), dtype=torch.float32)
+            s[: self.N] = scale_bank[slot].detach().to(torch.float32)[:, self.qgroup_to_group]
+            sz = torch.stack([s, s * self.zero_shift], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+            if key is not None:
+                self.slot_sz[slot] = sz
+        return sz
+
+    def int4_mm(self, xb: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        """(M, K) bf16 -> (M, N) bf16 through the int4pack op (pads K, drops padded columns)."""
+        if self.K4 != self.K:
+            xb = F.pad(xb, (0, self.K4 - self.K))
+        u = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.int4, self.qgs, sz)  # (M, N4)
+        return u if self.N4 == self.N else u[:, : self.N]
+
+    # -- dense float32 cache ---------------------------------------------------------------
+    @property
+    def dense3(self) -> torch.Tensor:
+        """Centered integers Q − Z as float32 (N, G, group_len), zero padded past K."""
+        if self._dense3 is None:
+            self._dense3 = self.weight.build_dense_centered()  # (N, G, gl)
+            flat = self._dense3.view(self.N, self.K_groups)
+            self._centered = flat[:, : self.K] if self.K_groups != self.K else flat
+        return self._dense3
+
+    @property
+    def centered(self) -> torch.Tensor:
+        """Q − Z as float32 (N, K) (a view of :attr:`dense3`)."""
+        self.dense3
+        return self._centered
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held by each cache (for docs and benchmarks)."""
+        out = {"int4pack": 0 if self.int4 is None else self.int4.numel()}
+        out["dense_fp32"] = 0 if self._dense3 is None else self._dense3.numel() * 4
+        out["slot_scales_bf16"] = sum(t.numel() * 2 for t in self.slot_sz.values())
+        return out
+
+
+# -- per-step slot grouping (cached on the slot_ids tensor, shared by every layer of a step) ----
+_last_groups: tuple | None = None
+
+
+def slot_groups(slot_ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """Distinct slots of a batch with their rows: [(slot, rows (R,) int64 | None when all rows)].
+
+    The engine hands the same ``slot_ids`` tensor to every layer of a step, so the result is
+    cached on that tensor (identity + version counter: an in-place change recomputes it).
+    """
+    global _last_groups
+    key = None if slot_ids.is_inference() else (slot_ids._version, slot_ids.data_ptr())
+    cached = _last_groups
+    if key is not None and cached is not None and cached[0] is slot_ids and cached[1] == key:
+        return cached[2]
+    uniq = torch.unique(slot_ids)
+    if uniq.numel() == 1:
+        groups = [(int(uniq[0]), None)]
+    else:
+        order = torch.argsort(slot_ids, stable=True)
+        counts = torch.bincount(slot_ids.to(torch.int64)[order] - int(uniq[0]))
+        counts = counts[counts > 0].tolist()
+        groups = list(zip(uniq.tolist(), torch.split(order, counts)))
+    if key is not None:
+        _last_groups = (slot_ids, key, groups)
+    return groups
+
+
+def _grouped_partial(x32: torch.Tensor, cache: CpuWeightCache, scale_rows: torch.Tensor) -> torch.Tensor:
+    """Σ_g S_rows[:, :, g] ⊙ (X_g C_gᵀ): x32 (M, K), scale_rows (M, N, G) -> (M, N) float32."""
+    M = x32.shape[0]
+    if cache.K_groups != cache.K:
+        x32 = F.pad(x32, (0, cache.K_groups - cache.K))
+    xg = x32.view(M, cache.G, cache.group_len).transpose(0, 1)  # (G, M, gl)
+    cg = cache.dense3.permute(1, 2, 0)  # (G, gl, N)
+    u = torch.bmm(xg, cg)  # (G, M, N) partial products per group
+    return torch.einsum("gmn,mng->mn", u, scale_rows)
+
+
+def cpu_forward(
+    x: torch.Tensor,
+    weight,
+    scale_bank: torch.Tensor,
+    slot_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """CPU forward: x (M, K) any float dtype -> (M, N) in x.dtype. Arguments already validated."""
+    cache: CpuWeightCache = weight.cpu_cache()
+    M = x.shape[0]
+    use_int4 = cache.int4 is not None and M <= int4_max_rows()
+    if weight.group_size == -1:
+        bank2d = scale_bank[:, :, 0]  # (S, N) view: G = 1
+        if use_int4:
+            u = cache.int4_mm(x.to(torch.bfloat16), cache.unit_sz)  # (M, N) bf16
+        else:
+            u = F.linear(x.to(torch.float32), cache.centered)  # (M, N) float32
+        scale = bank2d[0] if slot_ids is None else bank2d.index_select(0, slot_ids)  # (N,) | (M, N)
+        y = torch.mul(u, scale)  # float32
+    else:
+        groups = [(0, None)] if slot_ids is None else slot_groups(slot_ids)
+        if use_int4:
+            xb = x.to(torch.bfloat16)
+            if len(groups) == 1:
+                y = cache.int4_mm(xb, cache.sz_for_slot(scale_bank, groups[0][0]))  # (M, N) bf16
+            else:
+                y = torch.empty((M, cache.N), dtype=torch.bfloat16)
+                for slot, rows in groups:
+                    y.index_copy_(0, rows, cache.int4_mm(xb.index_select(0, rows), cache.sz_for_slot(scale_bank, slot)))
+            y = y.to(torch.float32)
+        else:
+            x32 = x.to(torch.float32)
+            if len(groups) == 1 or len(groups) * cache.K <= 2 * M * cache.G:  # few tenants: dequantize each
+                y = None
+                for slot, rows in groups:
+                    w = (cache.dense3 * scale_bank[slot].detach().to(torch.float32).unsqueeze(-1)).view(cache.N, -1)
+                    w = w[:, : cache.K]  # (N, K)
+                    if rows is None:
+                        y = F.linear(x32, w)
+                    else:
+                        if y is None:
+                            y = torch.empty((M, cache.N), dtype=torch.float32)
+                        y.index_copy_(0, rows, F.linear(x32.index_select(0, rows), w))
+            else:  # many tenants: one batched GEMM of per-group partial products
+                scale_rows = scale_bank.detach().to(torch.float32).index_select(0, slot_ids)  # (M, N, G)
+                y = _grouped_partial(x32, cache, scale_rows)
+    if weight.bias is not None:
+        y = y + weight.bias
+    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -1,0 +1,147 @@
+"""The CPU path of multi_tenant_linear against the float32 reference, and its gradients.
+
+Tolerances: int4pack branch (bf16 activations, bf16 integer product and, group-wise, bf16 scales):
+|y − ref| <= 2^-7 · Σ_k |x||w| elementwise (three bf16 roundings of 2^-9 each, plus slack; 4-bit
+group-wise 2^-6, see kernels/cpu_path.py); float32
+dense branch: max |y − ref| / max |ref| < 1e-5; gradients (float32): the same measure < 1e-4.
+"""
+
+import pytest
+import torch
+
+from scaleswap.kernels import cpu_path
+from scaleswap.kernels.ops import multi_tenant_linear
+from scaleswap.kernels.reference import dequantize, multi_tenant_linear_ref
+
+from kernel_cases import make_layer, make_slots, rel_err, within_bound
+
+SHAPES = [(67, 200), (48, 96), (16, 33)]  # (N, K): N, K not multiples of 16 / 32 / the group size
+
+
+def int4_tolerance(w) -> float:
+    """4-bit group-wise rounds z' = s·(8 − Z) to bf16 (cancellation, up to s/32 per weight)."""
+    return 2**-6 if (w.bits == 4 and w.group_size != -1) else 2**-7
+
+
+def _ref(x, w, bank, slots):
+    return multi_tenant_linear_ref(x, w.qweight, w.zeros, bank, slots, w.bits, w.in_features, w.group_size, w.bias)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("M", [1, 5, 64])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_cpu_matches_reference(bits, group_size, M, mixed):
+    for N, K in SHAPES:
+        w, bank = make_layer(N, K, bits, group_size, bias=(N == 67))
+        x = torch.randn(M, K)
+        slots = make_slots(M, bank.shape[0], mixed)
+        y = multi_tenant_linear(x, w, bank, slots, backend="cpu")
+        assert y.shape == (M, N) and y.dtype == torch.float32
+        ref = _ref(x, w, bank, slots)
+        if w.cpu_cache().int4 is not None and M <= cpu_path.int4_max_rows():
+            assert within_bound(y, ref, x, w, bank, slots, int4_tolerance(w))
+        else:
+            assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 128])
+@pytest.mark.parametrize("M", [1, 5, 64])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_cpu_dense_branch_is_float32_exact(no_int4, group_size, M, mixed):
+    for N, K in SHAPES:
+        w, bank = make_layer(N, K, 3, group_size)
+        x = torch.randn(M, K)
+        slots = make_slots(M, bank.shape[0], mixed)
+        y = multi_tenant_linear(x, w, bank, slots, backend="cpu")
+        assert rel_err(y, _ref(x, w, bank, slots)) < 1e-5
+
+
+def test_many_tenants_grouped_partial_products(no_int4):
+    # 64 rows, 64 distinct slots, small K: takes the per-group batched-GEMM branch
+    w, bank = make_layer(40, 64, 4, 32, num_slots=64)
+    x = torch.randn(64, 64)
+    slots = torch.randperm(64).to(torch.int32)
+    assert rel_err(multi_tenant_linear(x, w, bank, slots, backend="cpu"), _ref(x, w, bank, slots)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_and_leading_dims(dtype):
+    w, bank = make_layer(48, 96, 4, 32)
+    x = torch.randn(2, 3, 96).to(dtype)
+    slots = torch.tensor([0, 1, 2, 3, 4, 5], dtype=torch.int32)
+    y = multi_tenant_linear(x, w, bank, slots)
+    assert y.shape == (2, 3, 48) and y.dtype == dtype
+    x2 = x.reshape(6, 96).float()  # the rounded inputs are the exact inputs of the reference
+    assert within_bound(y.reshape(6, 48), _ref(x2, w, bank, slots), x2, w, bank, slots, 2**-5)
+
+
+def test_slot_groups_cache_follows_in_place_changes():
+    slots = torch.tensor([1, 1, 1], dtype=torch.int32)
+    assert cpu_path.slot_groups(slots) == [(1, None)]
+    slots[1] = 4  # in place: bumps the version counter
+    groups = cpu_path.slot_groups(slots)
+    assert [g[0] for g in groups] == [1, 4] and groups[0][1].tolist() == [0, 2] and groups[1][1].tolist() == [1]
+
+
+def test_scale_bank_update_is_seen():
+    w, bank = make_layer(48, 96, 4, 32)
+    x = torch.randn(2, 96)
+    slots = torch.tensor([2, 3], dtype=torch.int32)
+    multi_tenant_linear(x, w, bank, slots)
+    bank[3].mul_(2.0)  # a tenant's scales replaced in place between steps
+    assert within_bound(multi_tenant_linear(x, w, bank, slots), _ref(x, w, bank, slots), x, w, bank, slots, 2**-5)
+
+
+def test_errors():
+    w, bank = make_layer(48, 96, 4, 32)
+    with pytest.raises(ValueError, match="K=96"):
+        multi_tenant_linear(torch.randn(2, 95), w, bank)
+    with pytest.raises(ValueError, match="scale_bank"):
+        multi_tenant_linear(torch.randn(2, 96), w, bank[:, :, :2])
+    with pytest.raises(ValueError, match="slot_ids"):
+        multi_tenant_linear(torch.randn(2, 96), w, bank, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        multi_tenant_linear(torch.randn(2, 96), w, bank, backend="gpu")
+
+
+def _autograd_ref(x, w, bank, slots):
+    """Loss gradients through the dequantized reference (plain autograd)."""
+    x = x.clone().requires_grad_(True)
+    bank = bank.clone().requires_grad_(True)
+    M = x.shape[0]
+    sl = torch.zeros(M, dtype=torch.int64) if slots is None else slots.long()
+    rows = []
+    for r in range(M):
+        wr = dequantize(w.qweight, w.zeros, bank[sl[r]], w.bits, w.in_features, w.group_size)  # (N, K)
+        rows.append(wr @ x[r])
+    y = torch.stack(rows)
+    return y, x, bank
+
+
+@pytest.mark.parametrize("group_size", [-1, 32, 64])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_gradients_against_autograd(group_size, mixed, backend):
+    N, K, M = 37, 100, 9
+    w, bank = make_layer(N, K, 3, group_size)
+    x = torch.randn(M, K)
+    slots = make_slots(M, bank.shape[0], mixed)
+    grad_out = torch.randn(M, N)
+    y_ref, x_ref, bank_ref = _autograd_ref(x, w, bank, slots)
+    (y_ref * grad_out).sum().backward()
+    xg, bg = x.clone().requires_grad_(True), bank.clone().requires_grad_(True)
+    y = multi_tenant_linear(xg, w, bg, slots, backend=backend)
+    (y * grad_out).sum().backward()
+    assert rel_err(xg.grad, x_ref.grad) < 1e-4
+    assert rel_err(bg.grad, bank_ref.grad) < 1e-4
+    unused = sorted(set(range(bank.shape[0])) - set((slots if slots is not None else torch.zeros(1)).tolist()))
+    assert torch.all(bg.grad[unused] == 0)
+
+
+def test_gradient_only_for_scales():
+    w, bank = make_layer(37, 64, 4, 32)
+    bg = bank.clone().requires_grad_(True)
+    y = multi_tenant_linear(torch.randn(3, 64), w, bg, torch.tensor([1, 1, 2], dtype=torch.int32))
+    y.sum().backward()
+    assert bg.grad.shape == bank.shape and torch.all(bg.grad[0] == 0) and bg.grad[1].abs().sum() > 0
