@@ -2,8 +2,8 @@
 
 Behaves as transformers' fast tokenizer does for the same files:
 - ``encode(text, add_special_tokens=True)``: special tokens in ``text`` are matched whole; BOS/EOS are
-  added by the post-processor, rebuilt from ``add_bos_token`` / ``add_eos_token`` when
-  ``tokenizer_config`` states them (SmolLM2 adds nothing).
+  added by tokenizer.json's post-processor (built from ``add_bos_token`` / ``add_eos_token`` only when
+  it has none, as transformers 5 does; SmolLM2 adds nothing).
 - ``apply_chat_template``: the Jinja template rendered like ``transformers.utils.chat_template_utils``
   (``ImmutableSandboxedEnvironment``, ``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``,
   ``raise_exception``, a ``tojson`` that does not HTML-escape, ``strftime_now``; the special tokens
@@ -49,8 +49,10 @@ class Tokenizer:
         self.special_tokens = {k: _token_str(self.tokenizer_config.get(k)) for k in _SPECIAL_TOKEN_KEYS}
         self.chat_template: str | None = self.tokenizer_config.get("chat_template") or None
         self._config_eos_ids = [int(i) for i in config_eos_ids]
-        cfg = self.tokenizer_config
-        if "add_bos_token" in cfg or "add_eos_token" in cfg or backend.post_processor is None:
+        # As transformers 5 does: tokenizer.json's post-processor decides BOS/EOS; the add_*_token flags of
+        # tokenizer_config only apply when it has none.
+        if backend.post_processor is None:
+            cfg = self.tokenizer_config
             self._set_post_processor(bool(cfg.get("add_bos_token")), bool(cfg.get("add_eos_token")))
 
     # -- construction ------------------------------------------------------------------------------
