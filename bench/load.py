@@ -20,8 +20,9 @@ Prompts come from a real text available offline on every machine: Python's
 reference documentation as shipped in ``pydoc_data.topics`` (the text of
 ``help('topic')``, the same source as bench/corpus.py; ``--prompt-file`` takes
 any UTF-8 text instead). Each prompt is a seeded random window of about
-``--input-tokens`` tokens (words × 1.3, the ratio of BPE tokenizers on English)
-after a one-line instruction; ``--output-tokens`` is sent as ``max_tokens``
+``--input-tokens`` tokens (words × 1.5, measured with SmolLM2's tokenizer on
+this corpus) after a one-line instruction (15 more tokens, plus the server's
+chat template); ``--output-tokens`` is sent as ``max_tokens``
 (add ``--ignore-eos`` where the server supports it, to pin output length).
 Actual token counts come from the stream's ``usage`` (``stream_options.include_usage``)
 or, when the server sends none, from the number of content chunks.
@@ -69,7 +70,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-TOKENS_PER_WORD = 1.3  # BPE tokens per English word (approximate; actual counts come from usage)
+TOKENS_PER_WORD = 1.5  # SmolLM2 tokens per word of the pydoc corpus (measured 1.48-1.52)
 PROMPT_INSTRUCTION = "Summarise the following passage from the Python documentation in plain words.\n\n"
 PERCENTILES = (50, 90, 99)
 
@@ -640,13 +641,16 @@ class ScaleswapServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"scaleswap serve exited with {self.proc.returncode}; see {log_path or 'its log'}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                r = httpx.get(f"{self.url}/ready", timeout=2.0)  # 200 once the model is loaded
+                if r.status_code == 200:
                     return
-            except httpx.HTTPError:
+                if r.json().get("status") == "failed":
+                    raise RuntimeError(f"scaleswap serve failed to load the model: {r.text}")
+            except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
         self.close()
-        raise TimeoutError(f"scaleswap serve not healthy after {startup_timeout_s:.0f} s")
+        raise TimeoutError(f"scaleswap serve not ready after {startup_timeout_s:.0f} s")
 
     def close(self) -> None:
         if self.proc.poll() is None:
