@@ -1,0 +1,39 @@
+"""Pieces shared by the Triton kernels: reading packed Q tiles, config selection, interpret mode.
+
+The packed format (:mod:`.packing`) is a little-endian bit stream per row, so element k of row n
+starts at bit k·BITS of the row: byte (k·BITS) >> 3, bit offset (k·BITS) & 7. For 2, 4 and 8 bits an
+element never leaves its byte (one byte load); a 3-bit element at bit offset 6 or 7 straddles two
+bytes, so the kernel loads the next byte too (masked to where it is needed) and shifts the pair.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for the number of rows: the next power of two (so M = 1..64 tunes 7 times, not 64)."""
+    return 1 << max(0, (M - 1).bit_length())
+
+
+@triton.jit
+def load_q_tile(qweight_ptr, stride_qn, offs_k, offs_n, mask_k, mask_n, BITS: tl.constexpr):
+    """Q[offs_n, offs_k] as an int32 (BLOCK_K, BLOCK_N) tile, 0 where masked (transposed for tl.dot)."""
+    bit = offs_k[:, None] * BITS  # (BK, 1) bit offset inside the row
+    ptrs = qweight_ptr + offs_n[None, :] * stride_qn + (bit >> 3)  # (BK, BN)
+    mask = mask_k[:, None] & mask_n[None, :]
+    shift = bit & 7
+    word = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+    if BITS == 3:
+        # bits [shift, shift + 3) reach into the next byte when shift > 5
+        nxt = tl.load(ptrs + 1, mask=mask & (shift > 5), other=0).to(tl.int32)
+        word = word | (nxt << 8)
+    return (word >> shift) & ((1 << BITS) - 1)
