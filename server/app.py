@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -89,6 +90,7 @@ def _engine_config(settings: ServerSettings):
 
 async def _load_model(state: ServerState) -> None:
     """Background task: resolve, load and start the engine; publish the tenants' current versions."""
+    from scaleswap.runtime.config import SamplingParams
     from scaleswap.runtime.engine import Engine
 
     s = state.settings
@@ -96,10 +98,15 @@ async def _load_model(state: ServerState) -> None:
         model_dir = await asyncio.to_thread(resolve_model_dir, s.model, s.bits, s.group_size)
         meta = json.loads((model_dir / "quant_config.json").read_text())
         state.store.bind_base(meta["fingerprint"], model_dir / "base_scales.safetensors")
+        t0 = time.perf_counter()
         engine = await asyncio.to_thread(Engine.from_pretrained, model_dir, _engine_config(s), state.store.scale_loader)
+        t1 = time.perf_counter()
         for rec in state.store.list_tenants():
             engine.set_tenant_version(rec.id, rec.current_version)
+        # Warm-up: the first forward builds lazy per-layer caches (seconds on CPU); pay it before /ready says so.
+        await asyncio.to_thread(engine.generate_batch, ["Hello"], SamplingParams(max_tokens=2, temperature=0.0))
         engine.start()
+        log.info("loaded %s in %.1f s, warm-up %.1f s", model_dir, t1 - t0, time.perf_counter() - t1)
         state.model_dir = model_dir
         state.base = engine.base
         state.base_model_id = s.served_model_name or model_dir.name

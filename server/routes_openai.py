@@ -208,6 +208,8 @@ class Generation:
         for s in self.seqs:
             if not s.finished:
                 self.engine.abort(s.request_id)
+                s.finish_reason = "abort"
+                self._record(s)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
