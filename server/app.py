@@ -27,16 +27,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from scaleswap.runtime.tenant_store import TenantStore
-from scaleswap.server import routes_openai, routes_tenants
+from scaleswap.server import routes_finetune, routes_openai, routes_tenants
 from scaleswap.server.errors import install_error_handlers
 from scaleswap.server.limits import TenantLimiter
 from scaleswap.server.metrics import Metrics
 from scaleswap.server.protocol import HealthResponse, ReadyResponse
 from scaleswap.server.settings import ServerSettings
 from scaleswap.server.state import ServerState
-
-# LEAD: fine-tuning routes (issue 6). Enable this one line once server/routes_finetune.py exists.
-routes_finetune = None  # from scaleswap.server import routes_finetune
 
 log = logging.getLogger("scaleswap.server")
 
@@ -169,14 +166,12 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         if store.removed_orphans:
             log.info("tenant store: removed %d orphan blob(s) left by an interrupted write", store.removed_orphans)
         loader = asyncio.create_task(_load_model(state))
-        if routes_finetune is not None:
-            await routes_finetune.startup(app)
+        await routes_finetune.startup(app)
         try:
             yield
         finally:
             state.status = "draining"
-            if routes_finetune is not None:
-                await routes_finetune.shutdown(app)
+            await routes_finetune.shutdown(app)
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             if state.engine is not None:
@@ -193,8 +188,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware)
     app.include_router(routes_openai.router)
     app.include_router(routes_tenants.router)
-    if routes_finetune is not None:
-        app.include_router(routes_finetune.router)
+    app.include_router(routes_finetune.router)
 
     @app.get("/health", response_model=HealthResponse, tags=["ops"])
     async def health() -> HealthResponse:
