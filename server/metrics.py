@@ -7,8 +7,9 @@ collector, so they are exact at the moment of the scrape and cost nothing betwee
 Label cardinality is bounded:
 - ``route`` is the route *template* (``/v1/tenants/{tenant_id}/scales``), never the raw path; unmatched paths
   are ``"unmatched"``. ``status`` is the HTTP status code. So requests_total has at most routes x statuses series.
-- ``tenant``: ``"base"`` for the base model, the tenant id for the first ``max_tenant_labels`` distinct tenants
-  seen since start (default 32, ``--metrics-max-tenant-labels``), ``"other"`` for every later one. At most
+- ``tenant``: ``"_base"`` for the base model, the tenant id for the first ``max_tenant_labels`` distinct tenants
+  seen since start (default 32, ``--metrics-max-tenant-labels``), ``"_other"`` for every later one (tenant ids
+  start with a letter or digit, so neither can collide with a tenant). At most
   ``max_tenant_labels + 2`` values, whatever the number of tenants.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "scaleswap"
+BASE_LABEL = "_base"  # tenant label of base-model requests
+OTHER_LABEL = "_other"  # tenant label beyond the first max_tenant_labels tenants
 
 # Latency buckets in seconds: CPU serving of a small model spans ms (per token) to minutes (long generations).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -29,7 +32,7 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.
 
 
 class TenantLabeler:
-    """Maps a tenant id to a bounded label value: the id for the first ``max_labels`` tenants, else "other"."""
+    """Maps a tenant id to a bounded label value: the id for the first ``max_labels`` tenants, else "_other"."""
 
     def __init__(self, max_labels: int) -> None:
         assert max_labels >= 0
@@ -39,14 +42,14 @@ class TenantLabeler:
 
     def __call__(self, tenant_id: str | None) -> str:
         if tenant_id is None:
-            return "base"
+            return BASE_LABEL
         with self._lock:
             if tenant_id in self._known:
                 return tenant_id
             if len(self._known) < self.max_labels:
                 self._known.add(tenant_id)
                 return tenant_id
-        return "other"
+        return OTHER_LABEL
 
 
 class _EngineCollector(Collector):

@@ -410,9 +410,9 @@ def test_metrics_parse_and_move(server, admin, base_id, tenants):
 
 def test_client_disconnect_aborts_generation(server, admin, base_id):
     aborted = lambda: _metric_value(admin, "scaleswap_requests_finished_total",  # noqa: E731
-                                    {"tenant": "base", "finish_reason": "abort"})
+                                    {"tenant": "_base", "finish_reason": "abort"})
     before = aborted()
-    tokens = lambda: _metric_value(admin, "scaleswap_generation_tokens_total", {"tenant": "base"})  # noqa: E731
+    tokens = lambda: _metric_value(admin, "scaleswap_generation_tokens_total", {"tenant": "_base"})  # noqa: E731
     tokens_before = tokens()
     body = {"model": base_id, "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
     # Streaming: read one event, then hang up.

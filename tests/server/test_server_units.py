@@ -151,14 +151,14 @@ def test_max_tokens_budget(requested, default, prompt_len, ctx, expected):
 
 def test_tenant_labels_are_bounded():
     lab = TenantLabeler(2)
-    assert [lab(t) for t in (None, "a", "b", "c", "a", "d", "b")] == ["base", "a", "b", "other", "a", "other", "b"]
+    assert [lab(t) for t in (None, "a", "b", "c", "a", "d", "b")] == ["_base", "a", "b", "_other", "a", "_other", "b"]
     m = Metrics(max_tenant_labels=3, stats_fn=lambda: SimpleNamespace(running=2, waiting=1, kv_blocks_used=5,
                                                                        kv_blocks_total=9, scale_loads=4))
     for i in range(50):
         m.observe_generation(f"t{i}", "completions", {"ttft_s": 0.1, "per_token_s": 0.01}, 0.5, 3, 4, "length")
     fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
     tenants = {s.labels["tenant"] for s in fams["scaleswap_generation_tokens"].samples}
-    assert tenants == {"t0", "t1", "t2", "other"}
+    assert tenants == {"t0", "t1", "t2", "_other"}
     assert sum(s.value for s in fams["scaleswap_generation_tokens"].samples if s.name.endswith("_total")) == 200
     assert fams["scaleswap_requests_running"].samples[0].value == 2
     assert fams["scaleswap_scale_loads"].samples[0].value == 4
