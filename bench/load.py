@@ -219,6 +219,40 @@ async def create_scaleswap_tenants(
     return ids, keys
 
 
+SERVER_COUNTERS = ("scaleswap_scale_loads_total", "scaleswap_scale_evictions_total", "scaleswap_preemptions_total",
+                   "scaleswap_generation_tokens_total")  # fmt: skip
+SERVER_GAUGES = ("scaleswap_max_resident_tenants", "scaleswap_resident_tenants")
+
+
+async def scrape_metrics(client: httpx.AsyncClient, root: str, key: str | None) -> dict[str, float]:
+    """Prometheus text from ``/metrics``, summed over labels per sample name ({} if unavailable)."""
+    try:
+        r = await client.get(f"{root}/metrics", headers=auth_headers(key))
+    except httpx.HTTPError:
+        return {}
+    if r.status_code != 200:
+        return {}
+    out: dict[str, float] = {}
+    for line in r.text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def server_metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Counters as increases over the run, gauges as their value at the end (scaleswap's series)."""
+    d = {k.removeprefix("scaleswap_").removesuffix("_total"): after[k] - before.get(k, 0.0)
+         for k in SERVER_COUNTERS if k in after}  # fmt: skip
+    d |= {k.removeprefix("scaleswap_"): after[k] for k in SERVER_GAUGES if k in after}
+    return d
+
+
 # ----------------------------------------------------------------------------- one request
 @dataclass
 class RequestResult:
@@ -260,6 +294,7 @@ class LoadConfig:
     scale_noise: float = 0.01
     scaleswap_admin_key: str | None = None
     tenant_model_template: str | None = None
+    prewarm_tenants: bool = False
     seed: int = 0
     timeout_s: float = 600.0
     prompt_file: str | None = None
@@ -430,10 +465,27 @@ async def run_load(cfg: LoadConfig, target: Target | None = None) -> dict[str, A
             body = request_body(cfg, target.tenant_models[tenant], make_prompt(words, cfg.input_tokens, rng))
             return tenant, auth_headers(target.api_keys[tenant] or None), body
 
+        if cfg.prewarm_tenants:  # one 1-token request per tenant, so no scale set is loaded cold while measuring
+            sem = asyncio.Semaphore(4)
+
+            async def prewarm(i: int) -> None:
+                body = {**request_body(cfg, target.tenant_models[i], PROMPT_INSTRUCTION), "max_tokens": 1}
+                async with sem:
+                    for attempt in range(5):
+                        r = await send_request(client, url, auth_headers(target.api_keys[i] or None), body, i, 0.0)
+                        if r.error != "http_429":
+                            break
+                        await asyncio.sleep(1.0 + attempt)
+                if not r.ok:
+                    raise RuntimeError(f"prewarm request of tenant {i} failed: {r.error}")
+
+            await asyncio.gather(*(prewarm(i) for i in range(cfg.tenants)))
         for _ in range(cfg.warmup):  # sequential, excluded from the figures
             tenant, headers, body = next_request()
             await send_request(client, url, headers, body, tenant, time.perf_counter())
 
+        metrics_key = cfg.scaleswap_admin_key or cfg.api_key
+        metrics_before = await scrape_metrics(client, target.root, metrics_key) if target.kind == "scaleswap" else {}
         results: list[RequestResult] = []
         bar = tqdm(total=cfg.num_requests, disable=not cfg.progress, unit="req", dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
@@ -477,12 +529,14 @@ async def run_load(cfg: LoadConfig, target: Target | None = None) -> dict[str, A
             await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - t0
         bar.close()
+        metrics_after = await scrape_metrics(client, target.root, metrics_key) if metrics_before else {}
 
     summary = summarise(results, elapsed)
     cfg_dict = asdict(cfg)
     cfg_dict.pop("api_key"), cfg_dict.pop("scaleswap_admin_key")  # never write secrets
     summary["config"] = cfg_dict
     summary["target"] = {"root": target.root, "model": target.model, "kind": target.kind, "prompt_source": source}
+    summary["server_metrics"] = server_metrics_delta(metrics_before, metrics_after) if metrics_after else {}
     summary["per_request"] = [asdict(r) | {"tpot_s": r.tpot_s} for r in results]
     return summary
 
@@ -518,6 +572,8 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"elapsed {s['elapsed_s']:.1f} s  requests/s {s['requests_per_s']:.2f}  "
           f"output tokens/s {s['output_tokens_per_s']:.1f}  mean output tokens {fmt(s['mean_output_tokens'])}  "
           f"mean prompt tokens {fmt(s['mean_prompt_tokens'])}")  # fmt: skip
+    if s.get("server_metrics"):
+        print("server: " + "  ".join(f"{k} {v:g}" for k, v in s["server_metrics"].items()))
     print(f"{'metric':<10}" + "".join(f"{'p' + str(p):>10}" for p in PERCENTILES) + f"{'mean':>10}")
     for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
         d = s[key]
@@ -560,6 +616,7 @@ def sweep_table(points: list[dict[str, Any]], concurrencies: list[int], tenant_c
             row[f"ttft_p50_ms_{t}t"] = p["ttft_ms"]["p50"]
             row[f"tpot_p50_ms_{t}t"] = p["tpot_ms"]["p50"]
             row[f"errors_{t}t"] = p["num_errors"]
+            row[f"scale_loads_{t}t"] = p.get("server_metrics", {}).get("scale_loads")  # scaleswap only
         base = by[(c, lo)]["output_tokens_per_s"]
         row["ratio"] = by[(c, hi)]["output_tokens_per_s"] / base if base > 0 else None
         rows.append(row)
@@ -571,14 +628,14 @@ def print_sweep(rows: list[dict], tenant_counts: list[int]) -> None:
     head = f"{'conc':>5}"
     for t in tenant_counts:
         head += f" {f'tok/s {t}t':>11} {f'req/s {t}t':>10} {f'TTFT50 {t}t':>11} {f'TPOT50 {t}t':>11} {f'err {t}t':>7}"
-    head += f" {f'{hi}t/{lo}t':>8}"
+    head += f" {f'{hi}t/{lo}t':>8} {f'loads {hi}t':>9}"
     print("\n" + head)
     for r in rows:
         line = f"{r['concurrency']:>5}"
         for t in tenant_counts:
             line += (f" {r[f'tok_s_{t}t']:>11.1f} {r[f'req_s_{t}t']:>10.2f} {fmt(r[f'ttft_p50_ms_{t}t']):>11}"
                      f" {fmt(r[f'tpot_p50_ms_{t}t']):>11} {r[f'errors_{t}t']:>7}")  # fmt: skip
-        line += f" {fmt(r['ratio'], 2):>8}"
+        line += f" {fmt(r['ratio'], 2):>8} {fmt(r[f'scale_loads_{hi}t'], 0):>9}"
         print(line)
 
 
@@ -706,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--tenant-dist", choices=("zipf", "uniform"), default="zipf")
     tn.add_argument("--zipf-s", type=float, default=1.1)
     tn.add_argument("--tenant-model-template", help="non-scaleswap targets: `model` per tenant, e.g. 'lora-{i}'")
+    tn.add_argument("--prewarm-tenants", action="store_true",
+                    help="send every tenant one 1-token request before measuring (no cold scale loads)")  # fmt: skip
     tn.add_argument("--scale-noise", type=float, default=0.01, help="σ of the per-tenant multiplicative scale noise")
     sw = p.add_argument_group("sweep")
     sw.add_argument("--sweep", action="store_true", help="closed loop over --sweep-concurrency × --sweep-tenants")
@@ -736,7 +795,7 @@ def config_from_args(a: argparse.Namespace) -> LoadConfig:
         input_tokens=a.input_tokens, output_tokens=a.output_tokens, temperature=a.temperature,
         ignore_eos=a.ignore_eos, include_usage=not a.no_usage, tenants=a.tenants, tenant_dist=a.tenant_dist,
         zipf_s=a.zipf_s, scale_noise=a.scale_noise, scaleswap_admin_key=a.scaleswap_admin_key,
-        tenant_model_template=a.tenant_model_template, seed=a.seed,
+        tenant_model_template=a.tenant_model_template, prewarm_tenants=a.prewarm_tenants, seed=a.seed,
         timeout_s=a.timeout, prompt_file=a.prompt_file, progress=not a.no_progress,
     )  # fmt: skip
 
