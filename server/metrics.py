@@ -109,6 +109,8 @@ class Metrics:
                                 ["tenant", "finish_reason"], registry=r)
         self.rejected = Counter(f"{PREFIX}_requests_rejected", "generation requests refused before running",
                                 ["reason"], registry=r)
+        self.disconnects = Counter(f"{PREFIX}_client_disconnects", "generation requests whose client went away "
+                                   "before the end (their sequences were aborted)", registry=r)
         self.uploads = Counter(f"{PREFIX}_scale_uploads", "scale-set uploads by result", ["result"], registry=r)
         self.rollbacks = Counter(f"{PREFIX}_scale_rollbacks", "scale version rollbacks", registry=r)
         self.published = Counter(f"{PREFIX}_scale_versions_published", "scale versions made current",

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from scaleswap.runtime.config import SamplingParams
 from scaleswap.runtime.engine import PromptTooLongError, QueueFullError
 from scaleswap.runtime.sequence import RequestOutput, TokenLogprob
 from scaleswap.server.auth import Principal, authenticate
 from scaleswap.server.errors import APIError, queue_full
+from scaleswap.server.limits import TenantLimitExceeded
 from scaleswap.server.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
@@ -237,8 +238,8 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def _run_to_completion(request: Request, gen: Generation) -> None:
-    """Drive ``gen`` until all sequences finish; abort them if the client disconnects first."""
+async def _run_to_completion(request: Request, gen: Generation) -> bool:
+    """Drive ``gen`` until all sequences finish (True); abort them if the client disconnects first (False)."""
 
     async def consume() -> None:
         async for _ in gen.deltas():
@@ -251,14 +252,29 @@ async def _run_to_completion(request: Request, gen: Generation) -> None:
         if work not in done:  # client gone
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-            state: ServerState = request.app.state.server
-            state.metrics.rejected.labels("client_disconnected").inc()
-            raise asyncio.CancelledError()
+            return False
         work.result()
+        return True
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
         await gen.close()
+
+
+class GenerationStream(StreamingResponse):
+    """SSE response that always runs ``cleanup`` (free the tenant slot, abort unfinished sequences), even when
+    the client is gone before the body iterator ever started (then its own ``finally`` never runs)."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], Any]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -353,7 +369,11 @@ async def _respond(request: Request, state: ServerState, principal: Principal, t
                    gen: Generation, stream: bool, build_final: Callable[[], Any],
                    stream_events: Callable[[], AsyncIterator[bytes]]):
     """Common tail: take a tenant slot, submit, then stream or collect. The slot is held until the end."""
-    release = state.limiter.acquire(_limiter_key(principal, target))  # TenantLimitExceeded → 429
+    try:
+        release = state.limiter.acquire(_limiter_key(principal, target))
+    except TenantLimitExceeded:  # → 429 with Retry-After (errors.py)
+        state.metrics.rejected.labels("tenant_limit").inc()
+        raise
     try:
         gen.submit()
     except BaseException:
@@ -361,9 +381,12 @@ async def _respond(request: Request, state: ServerState, principal: Principal, t
         raise
     if not stream:
         try:
-            await _run_to_completion(request, gen)
+            completed = await _run_to_completion(request, gen)
         finally:
             release()
+        if not completed:
+            state.metrics.disconnects.inc()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         _raise_if_failed(gen)
         return JSONResponse(build_final().model_dump(exclude_none=False))
 
@@ -372,18 +395,20 @@ async def _respond(request: Request, state: ServerState, principal: Principal, t
             async for chunk in stream_events():
                 yield chunk
         except asyncio.CancelledError:
-            state.metrics.rejected.labels("client_disconnected").inc()
+            state.metrics.disconnects.inc()
             raise
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
             log.exception("streaming generation failed")
             yield _error_event(e)
         finally:
-            release()
-            await gen.close()
+            await cleanup()
         yield _sse("[DONE]")
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    async def cleanup() -> None:  # idempotent: release() and gen.close() may run twice
+        release()
+        await gen.close()
+
+    return GenerationStream(body(), cleanup)
 
 
 # ------------------------------------------------------------------------------------------- /v1/completions
