@@ -11,12 +11,15 @@ Checks:
   not grow from one burst to the next; afterwards the server still serves.
 - per-tenant limit: with tenant A holding 3 requests in flight, A's 4th and 5th get 429
   (``tenant_limit_exceeded``) while tenant B is served.
+- bench/load.py end to end below the limits: zero errors, distinct uploaded scale sets, token counts that agree
+  with the server's.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import secrets
+import sys
 import time
 from pathlib import Path
 
@@ -117,7 +120,7 @@ def _check_completed(r: dict) -> None:
     assert r["completion_tokens"] == MAX_TOKENS
 
 
-@pytest.mark.timeout(90 + STARTUP_TIMEOUT_S)  # the first test also pays for the module's server start
+@pytest.mark.timeout(90 + STARTUP_TIMEOUT_S)  # whichever test runs first also pays for the server's start
 def test_queue_limit_gives_prompt_429_and_admitted_requests_finish(server: ServerProcess) -> None:
     tenants = [f"burst-{i}" for i in range(6)]
     keys = {t: _create_tenant(server, t) for t in tenants}
@@ -146,7 +149,7 @@ def test_queue_limit_gives_prompt_429_and_admitted_requests_finish(server: Serve
     assert httpx.get(f"{server.base_url}/health", timeout=5).status_code == 200
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(90 + STARTUP_TIMEOUT_S)
 def test_tenant_over_its_limit_gets_429_while_another_is_served(server: ServerProcess) -> None:
     key_a, key_b = _create_tenant(server, "greedy-a"), _create_tenant(server, "polite-b")
 
@@ -174,3 +177,49 @@ def test_tenant_over_its_limit_gets_429_while_another_is_served(server: ServerPr
     _check_completed(b)
     # B finished while A's long requests were still running: A did not starve B
     assert b["e2e_s"] < max(r["e2e_s"] for r in a_long) + 0.5
+
+
+def _load_tool():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "load.py"
+    spec = importlib.util.spec_from_file_location("scaleswap_bench_load", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(90 + STARTUP_TIMEOUT_S)
+def test_load_tool_below_the_limits_has_zero_errors(server: ServerProcess) -> None:
+    """bench/load.py end to end: it creates 4 tenants with distinct scale sets, and a closed loop at concurrency 3
+    (= the per-tenant limit; running + waiting never overflow) completes every request; its token count agrees
+    with the server's own counter."""
+    load = _load_tool()
+    cfg = load.LoadConfig(base_url=server.base_url + "/v1", concurrency=MAX_PER_TENANT, duration_s=None,
+                          num_requests=6, warmup=0, input_tokens=48, output_tokens=8, ignore_eos=True, tenants=4,
+                          tenant_dist="zipf", scaleswap_admin_key=server.admin_key, seed=3, progress=False)  # fmt: skip
+    s = asyncio.run(load.run_load(cfg))
+    assert s["target"]["kind"] == "scaleswap"
+    assert (s["requests"], s["completed"], s["errors"]) == (6, 6, {})
+    assert s["total_output_tokens"] == 6 * 8 and s["mean_prompt_tokens"] > 48
+    assert s["server_metrics"]["generation_tokens"] == s["total_output_tokens"]
+    for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        assert 0 < s[key]["p50"] <= s[key]["p90"] <= s[key]["p99"]
+    assert s["output_tokens_per_s"] > 0 and sum(s["requests_per_tenant"]) == 6
+    # the tenants it created serve distinct scale sets, none equal to the base
+    admin = {"Authorization": f"Bearer {server.admin_key}"}
+    tenants = [t["id"] for t in httpx.get(f"{server.base_url}/v1/tenants", headers=admin, timeout=30).json()["data"]
+               if t["id"].startswith("load-")]  # fmt: skip
+    assert len(tenants) == 4
+    base, _ = load.read_safetensors(httpx.get(f"{server.base_url}/v1/scales/base", headers=admin, timeout=30).content)
+    sets = [load.read_safetensors(httpx.get(f"{server.base_url}/v1/tenants/{t}/scales", headers=admin,
+                                            timeout=30).content)[0] for t in tenants]  # fmt: skip
+    name = sorted(base)[0]
+    firsts = [st[name] for st in sets]
+    for i, a in enumerate(firsts):
+        assert a.shape == base[name].shape and not (a == base[name]).all()
+        rel = abs(a / base[name] - 1)
+        assert rel.max() < 0.1 and rel.mean() > 1e-3  # ~1 % multiplicative noise
+        for b in firsts[i + 1 :]:
+            assert not (a == b).all()
