@@ -53,7 +53,9 @@ def _their_greedy(hf_model, prompt: torch.Tensor, n: int) -> list[int]:
     out = hf_model(prompt, use_cache=True)
     tokens = [int(out.logits[0, -1].argmax())]
     for _ in range(n - 1):
-        out = hf_model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        # transformers >= 5.2x names the cache `cache`; older versions `past_key_values`
+        past = {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
+        out = hf_model(torch.tensor([[tokens[-1]]]), use_cache=True, **past)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
 
