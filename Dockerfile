@@ -4,6 +4,8 @@
 #   GPU (default; CUDA build of torch, run with --gpus all):
 #     docker build -t scaleswap .
 #     docker run --gpus all -p 8000:8000 -e SCALESWAP_ADMIN_KEY=... -v scaleswap-data:/data scaleswap
+#     (another CUDA base: --build-arg CUDA_IMAGE=nvidia/cuda:<version>-runtime-ubuntu24.04; torch's wheel bundles
+#     its own CUDA libraries, so the host driver only has to support the CUDA version torch was built for)
 #   CPU (CPU build of torch from the PyTorch CPU index):
 #     docker build --build-arg VARIANT=cpu -t scaleswap:cpu .
 #     docker run -p 8000:8000 -e SCALESWAP_ADMIN_KEY=... -v scaleswap-data:/data scaleswap:cpu
@@ -18,6 +20,7 @@
 
 ARG VARIANT=gpu
 ARG TORCH_VERSION=2.13.0
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 # ------------------------------------------------------------------------------------------ CPU base
 FROM python:3.12-slim-bookworm AS base-cpu
@@ -27,7 +30,8 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
 
 # ------------------------------------------------------------------------------------------ GPU base
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS base-gpu
+# hadolint ignore=DL3006
+FROM ${CUDA_IMAGE} AS base-gpu
 ARG TORCH_VERSION
 # hadolint ignore=DL3008
 RUN apt-get update \
