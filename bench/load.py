@@ -396,7 +396,7 @@ def percentiles_ms(values: list[float]) -> dict[str, float | None]:
     return {f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES} | {"mean": float(arr.mean())}
 
 
-def summarise(results: list[RequestResult], elapsed_s: float) -> dict[str, Any]:
+def summarise(results: list[RequestResult], elapsed_s: float, num_tenants: int) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     errors: dict[str, int] = {}
     for r in results:
@@ -418,7 +418,7 @@ def summarise(results: list[RequestResult], elapsed_s: float) -> dict[str, Any]:
         "ttft_ms": percentiles_ms([r.ttft_s for r in ok]),
         "tpot_ms": percentiles_ms([r.tpot_s for r in ok if r.tpot_s is not None]),
         "e2e_ms": percentiles_ms([r.e2e_s for r in ok]),
-        "requests_per_tenant": np.bincount([r.tenant for r in results]).tolist() if results else [],
+        "requests_per_tenant": np.bincount([r.tenant for r in results], minlength=num_tenants).tolist(),
     }
 
 
@@ -531,7 +531,7 @@ async def run_load(cfg: LoadConfig, target: Target | None = None) -> dict[str, A
         bar.close()
         metrics_after = await scrape_metrics(client, target.root, metrics_key) if metrics_before else {}
 
-    summary = summarise(results, elapsed)
+    summary = summarise(results, elapsed, cfg.tenants)
     cfg_dict = asdict(cfg)
     cfg_dict.pop("api_key"), cfg_dict.pop("scaleswap_admin_key")  # never write secrets
     summary["config"] = cfg_dict
