@@ -267,7 +267,7 @@ class ScaleTrainer:
                         loss_sum, _ = self._batch_loss_sum(ids, labels)
                         loss = loss_sum / n_tok
                         micro_grads = torch.autograd.grad(loss, self.deltas)
-                    loss_value += float(loss)
+                    loss_value += float(loss.detach())
                     for g, mg in zip(grads, micro_grads):
                         g.add_(mg)
                 if not math.isfinite(loss_value):
