@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -31,7 +32,7 @@ from scaleswap.server import routes_finetune, routes_openai, routes_tenants
 from scaleswap.server.errors import install_error_handlers
 from scaleswap.server.limits import TenantLimiter
 from scaleswap.server.metrics import Metrics
-from scaleswap.server.protocol import HealthResponse, ReadyResponse
+from scaleswap.server.protocol import ChatCompletionChunk, CompletionStreamResponse, HealthResponse, ReadyResponse
 from scaleswap.server.settings import ServerSettings
 from scaleswap.server.state import ServerState
 
@@ -147,6 +148,38 @@ class RequestMetricsMiddleware:
                 state.metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
 
 
+# ------------------------------------------------------------------------------------------------ OpenAPI
+_STREAM_MODELS = {"/v1/completions": CompletionStreamResponse, "/v1/chat/completions": ChatCompletionChunk}
+
+
+def _openapi_with_stream_models(app: FastAPI) -> dict:
+    """FastAPI's schema plus the server-sent-event chunk models of the two streaming routes
+    (``text/event-stream`` bodies are not pydantic responses, so FastAPI leaves them undescribed)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in _STREAM_MODELS.items():
+        js = model.model_json_schema(mode="serialization", ref_template="#/components/schemas/{model}")
+        for name, sub in js.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components[model.__name__] = js
+        ok = schema["paths"][path]["post"]["responses"]["200"]
+        ok["content"]["text/event-stream"] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    # Validation errors are answered 400 with an OpenAI error object (errors.py), never FastAPI's 422.
+    for ops in schema["paths"].values():
+        for op in ops.values():
+            if op.get("responses", {}).pop("422", None) is not None and "400" not in op["responses"]:
+                op["responses"]["400"] = {"description": "invalid request",
+                                          "content": {"application/json": {
+                                              "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for name in ("HTTPValidationError", "ValidationError"):
+        if f'"#/components/schemas/{name}"' not in json.dumps(schema["paths"]):
+            components.pop(name, None)
+    app.openapi_schema = schema
+    return schema
+
+
 # ------------------------------------------------------------------------------------------------ app
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
@@ -184,6 +217,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
         summary="Multi-tenant serving of one low-bit LLM: PEQA scale sets hot-swapped per request",
         lifespan=lifespan,
     )
+    app.openapi = lambda: _openapi_with_stream_models(app)
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)
     app.include_router(routes_openai.router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from ._common import MODEL_HELP
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+                            timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout_s)),
                             access_log=settings.log_level in ("debug", "trace"))
     DrainingServer(config).run()
     return 0
