@@ -237,26 +237,77 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def build_tokenizer_json(meta: dict[str, Any], path: Path | str = "<gguf>") -> str:
-    """A ``tokenizers`` JSON for the tokenizer the ``tokenizer.ggml.*`` metadata describes (byte-level BPE)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """A ``tokenizers`` JSON for the tokenizer the ``tokenizer.ggml.*`` metadata describes.
+
+    ``tokenizer.ggml.model`` "gpt2": byte-level BPE (SmolLM2, Llama 3, Qwen2); "llama": SentencePiece BPE
+    with byte fallback (Llama 2, Mistral), rebuilt as transformers' ``LlamaTokenizer`` does.
+    """
+    from tokenizers import AddedToken, processors
 
     model_type = meta.get("tokenizer.ggml.model")
-    if model_type != "gpt2":
+    if model_type not in ("gpt2", "llama"):
         raise ValueError(
-            f"{path}: GGUF tokenizer model {model_type!r} is not supported; supported: 'gpt2' (byte-level BPE)"
+            f"{path}: GGUF tokenizer model {model_type!r} is not supported; supported: 'gpt2' (byte-level BPE), "
+            "'llama' (SentencePiece BPE)"
         )
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     token_types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if model_type == "gpt2":
+        tok, in_vocab = _byte_level_bpe(meta, tokens, path)
+    else:
+        tok, in_vocab = _sentencepiece_bpe(meta, tokens, path)
+
+    # Control tokens and the named ones (BOS/EOS/UNK/PAD) become special added tokens, user-defined ones plain
+    # added tokens (matched whole). A "control" token the model's vocabulary cannot spell is a llama.cpp
+    # mislabel and is left alone, like transformers does.
+    named = {meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    specials = [
+        AddedToken(t, special=True, normalized=False)
+        for i, (t, ty) in enumerate(zip(tokens, token_types))
+        if (ty == _TOKEN_CONTROL or i in named) and in_vocab(t)
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, token_types)
+        if ty == _TOKEN_USER_DEFINED and in_vocab(t)
+    ]
+    tok.add_special_tokens(specials)
+    tok.add_tokens(user)
+    assert tok.get_vocab_size(with_added_tokens=True) == len(tokens), "added tokens must reuse vocabulary ids"
+
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    eos_id = meta.get("tokenizer.ggml.eos_token_id")
+    single, special_tokens = "$A", []
+    if _adds_bos(meta) and bos_id is not None:
+        single = f"{tokens[bos_id]} $A"
+        special_tokens.append((tokens[bos_id], int(bos_id)))
+    if meta.get("tokenizer.ggml.add_eos_token") and eos_id is not None:
+        single = f"{single} {tokens[eos_id]}"
+        if all(t != tokens[eos_id] for t, _ in special_tokens):
+            special_tokens.append((tokens[eos_id], int(eos_id)))
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=f"{single} $B:1".replace("$A", "$A:0"), special_tokens=special_tokens
+    )
+    return tok.to_str()
+
+
+def _adds_bos(meta: dict[str, Any]) -> bool:
+    """llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise (older files have no flag)."""
+    default = meta.get("tokenizer.ggml.model") == "llama"
+    return bool(meta.get("tokenizer.ggml.add_bos_token", default))
+
+
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], path: Path | str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
         raise ValueError(f"{path}: GGUF byte-level tokenizer has no merges (tokenizer.ggml.merges)")
-
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     # Tokens are stored in the byte alphabet; a few files store special tokens as raw text: respell those.
     vocab = {
-        (tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))): i
-        for i, tok in enumerate(tokens)
+        (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i for i, t in enumerate(tokens)
     }
     merges = []
     for m in merges_raw:
@@ -279,40 +330,42 @@ def build_tokenizer_json(meta: dict[str, Any], path: Path | str = "<gguf>") -> s
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:
         if pre not in _PLAIN_GPT2:
-            warnings.warn(f"{path}: unknown GGUF pre-tokenizer {pre!r}; using GPT-2's byte-level split", stacklevel=2)
+            warnings.warn(f"{path}: unknown GGUF pre-tokenizer {pre!r}; using GPT-2's byte-level split", stacklevel=3)
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
+    return tok, lambda t: set(t) <= alphabet
 
-    # Control tokens become special added tokens, user-defined ones plain added tokens (matched whole).
-    # A "control" token outside the byte alphabet is a llama.cpp mislabel and is left alone, like transformers does.
-    specials = [
-        AddedToken(t, special=True, normalized=False)
-        for t, ty in zip(tokens, token_types)
-        if ty == _TOKEN_CONTROL and set(t) <= alphabet
-    ]
-    user = [
-        AddedToken(t, special=False, normalized=False)
-        for t, ty in zip(tokens, token_types)
-        if ty == _TOKEN_USER_DEFINED and t in vocab
-    ]
-    tok.add_special_tokens(specials)
-    tok.add_tokens(user)
-    assert tok.get_vocab_size(with_added_tokens=True) == len(tokens), "added tokens must reuse vocabulary ids"
 
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    eos_id = meta.get("tokenizer.ggml.eos_token_id")
-    single, special_tokens = "$A", []
-    if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
-        single = f"{tokens[bos_id]} $A"
-        special_tokens.append((tokens[bos_id], int(bos_id)))
-    if meta.get("tokenizer.ggml.add_eos_token") and eos_id is not None:
-        single = f"{single} {tokens[eos_id]}"
-        if all(t != tokens[eos_id] for t, _ in special_tokens):
-            special_tokens.append((tokens[eos_id], int(eos_id)))
-    tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=f"{single} $B:1".replace("$A", "$A:0"), special_tokens=special_tokens
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], path: Path | str):
+    """SentencePiece BPE: pieces with "▁" for spaces, byte fallback ``<0xNN>``, merges recovered from scores.
+
+    Merges are every split of a piece into two pieces of the vocabulary, best (highest) piece score first,
+    ties by the pieces' lengths: transformers' ``generate_merges``, so ids match its GGUF conversion.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if not scores or len(scores) != len(tokens):
+        raise ValueError(f"{path}: GGUF SentencePiece tokenizer needs one score per token (tokenizer.ggml.scores)")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    candidates = []
+    for piece, score in zip(tokens, scores):
+        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        candidates.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    candidates.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    merges = [(left, right) for left, right, _ in candidates]
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if add_prefix else "never", split=False
     )
-    return tok.to_str()
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tok.decoder = decoders.Sequence(steps)
+    return tok, lambda t: t in vocab
 
 
 def _tokenizer_config(meta: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
@@ -329,7 +382,7 @@ def _tokenizer_config(meta: dict[str, Any], config: ModelConfig) -> dict[str, An
         "eos_token": token("eos_token_id"),
         "unk_token": token("unknown_token_id"),
         "pad_token": token("padding_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": _adds_bos(meta),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
         "model_max_length": config.max_position_embeddings,

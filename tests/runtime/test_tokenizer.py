@@ -254,3 +254,29 @@ def test_incremental_detokenizer_flushes_an_unfinished_character(tok):
     out = "".join(detok.add(i) for i in ids[:-1])  # the emoji's last byte never comes
     assert "\ufffd" not in out and out.startswith("ok")
     assert detok.flush().endswith("\ufffd")
+
+
+@pytest.mark.parametrize("add_bos", [None, False])
+def test_gguf_sentencepiece_matches_transformers(tmp_path, add_bos):
+    """A SentencePiece (Llama 2 / Mistral style) GGUF vocabulary: byte fallback, merges from scores, BOS default on."""
+    from transformers import AutoTokenizer
+
+    vocab = len(R.tiny_spm_metadata()[0])
+    path = R.write_tiny_gguf(tmp_path / "spm.gguf", R.tiny_hf_model("llama", vocab_size=vocab), tokenizer="llama",
+                             add_bos=add_bos)
+    ours = Tokenizer.from_checkpoint(load_checkpoint(path))
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    texts = TEXTS + ["the cat is in the hat", " the", "[INST] hi <|im_start|> <s>x</s> <unk>"]
+    for text in texts:
+        for add_special_tokens in (True, False):
+            assert ours.encode(text, add_special_tokens) == theirs.encode(text, add_special_tokens=add_special_tokens)
+        ids = theirs.encode(text)
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert (ours.encode("the cat")[0] == 1) == (add_bos is None)  # llama.cpp's default for SentencePiece: BOS
+
+    # streaming keeps the space SentencePiece's decoder strips from a sequence start
+    prompt, gen = ours.encode("the cat"), ours.encode(" is in the hé", add_special_tokens=False)
+    detok = IncrementalDetokenizer(ours, prompt)
+    streamed = "".join(detok.add(i) for i in gen) + detok.flush()
+    assert streamed == ours.decode(prompt + gen)[len(ours.decode(prompt)):] == " is in the hé"
