@@ -31,13 +31,15 @@ class ServerProcess:
         self.env = env or {}
         self.port = 0
         self.proc: subprocess.Popen | None = None
+        self.not_ready_answers: list[tuple[int, str]] = []  # (status, body status) seen before /ready said 200
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 180.0) -> "ServerProcess":
+    def start(self, timeout_s: float = 180.0, stop_on_failure: bool = True) -> "ServerProcess":
         self.port = free_port()
+        self.not_ready_answers = []
         args = [sys.executable, "-m", "scaleswap.server.cli", "serve", "--model", str(self.model_dir),
                 "--port", str(self.port), "--data-dir", str(self.data_dir), "--log-level", "warning",
                 *self.extra_args]
@@ -55,7 +57,10 @@ class ServerProcess:
                 r = httpx.get(f"{self.base_url}/ready", timeout=2.0)
                 if r.status_code == 200:
                     return self
+                self.not_ready_answers.append((r.status_code, r.json().get("status")))
                 if r.json().get("status") == "failed":
+                    if stop_on_failure:
+                        self.stop()
                     raise RuntimeError(f"model failed to load: {r.text}\n{self.log()}")
             except httpx.TransportError:
                 pass

@@ -104,6 +104,8 @@ def _assert_error(r: httpx.Response, status: int, code: str | None = None) -> di
 def test_health_ready_and_openapi(server, admin):
     assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.base_url}/ready").json()["status"] == "ready"
+    # While the model loaded, /ready answered 503 "loading" (the server answers before the model is in).
+    assert server.not_ready_answers and set(server.not_ready_answers) == {(503, "loading")}
     spec = httpx.get(f"{server.base_url}/openapi.json").json()
     routes = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
     expected = {

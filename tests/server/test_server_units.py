@@ -207,3 +207,33 @@ def test_error_rendering():
         assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
         r = c.get("/boom")
         assert r.status_code == 500 and "secret detail" not in r.text
+
+
+@pytest.mark.timeout(120)
+def test_open_mode_server_with_a_model_that_fails_to_load(tmp_path):
+    """No admin key: loopback only and said so; the store works at once; a model that cannot load makes /ready
+    and generation 503 with the reason, while /health stays 200."""
+    import httpx
+
+    from server_harness import ServerProcess
+
+    srv = ServerProcess(tmp_path / "no-such-model", tmp_path / "data", tmp_path / "log.txt")
+    with pytest.raises(RuntimeError, match="failed to load"):
+        srv.start(timeout_s=90, stop_on_failure=False)
+    base = srv.base_url
+    try:
+        assert "no admin key configured" in srv.log() and "127.0.0.1" in srv.log()
+        assert httpx.get(f"{base}/health").status_code == 200
+        r = httpx.get(f"{base}/ready")
+        assert r.status_code == 503 and r.json()["status"] == "failed" and "no-such-model" in r.json()["detail"]
+        # Open mode: no key needed for tenant management; a tenant key still confines.
+        r = httpx.post(f"{base}/v1/tenants", json={"id": "t1"})
+        assert r.status_code == 201
+        r = httpx.post(f"{base}/v1/completions", json={"model": "t1", "prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
+        assert httpx.get(f"{base}/v1/tenants", headers={"Authorization": "Bearer EMPTY"}).status_code == 200
+        key = httpx.post(f"{base}/v1/tenants", json={"id": "t2"}).json()["api_key"]
+        r = httpx.get(f"{base}/v1/tenants", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 403
+    finally:
+        assert srv.stop() in (0, -15)
