@@ -362,7 +362,7 @@ def _finish_reason(seq: SeqState) -> str | None:
 def _raise_if_failed(gen: Generation) -> None:
     for s in gen.seqs:
         if s.error:
-            raise APIError(500 if "internal" in s.error else 503, s.error, code="generation_failed")
+            raise APIError(500, f"generation failed: {s.error}", code="generation_failed")
 
 
 async def _respond(request: Request, state: ServerState, principal: Principal, target: Target,
@@ -444,7 +444,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
                 lps = _completion_logprobs(engine, out.logprobs or [], offsets[seq.index])
             offsets[seq.index] += len(out.text)
             if out.finished and seq.error:
-                raise APIError(503, seq.error, code="generation_failed")
+                raise APIError(500, f"generation failed: {seq.error}", code="generation_failed")
             chunk = CompletionStreamResponse(
                 id=rid, created=created, model=target.model_id,
                 choices=[CompletionChoice(index=seq.index, text=out.text, logprobs=lps,
@@ -496,7 +496,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             if not out.text and not out.finished and not out.logprobs:
                 continue
             if out.finished and seq.error:
-                raise APIError(503, seq.error, code="generation_failed")
+                raise APIError(500, f"generation failed: {seq.error}", code="generation_failed")
             lps = _chat_logprobs(engine, out.logprobs or []) if body.logprobs else None
             yield chunk([ChatStreamChoice(index=seq.index, delta=ChatDelta(content=out.text or None), logprobs=lps,
                                           finish_reason=out.finish_reason if out.finished else None)])

@@ -375,6 +375,23 @@ def test_tenant_crud(server, admin, base_id):
         _complete(_oai(server, ADMIN_KEY), "tmp")
 
 
+def test_scales_unreadable_at_load_time_fail_cleanly(server, admin, base_scales):
+    """A blob damaged on disk after upload: the request fails with a 500 error object, the server keeps serving."""
+    _create_tenant(admin, "d")
+    r = _upload(admin, "d", _perturbed(base_scales, 11))
+    assert r.status_code == 201
+    blob = server.data_dir / "blobs" / f"{r.json()['sha256']}.safetensors"
+    blob.write_bytes(blob.read_bytes()[:1000])
+    err = _assert_error(admin.post("/v1/completions", json={"model": "d", "prompt": PROMPT, "max_tokens": 4}), 500,
+                        "generation_failed")
+    assert "could not load scales" in err["message"]
+    # Rolling back to the base scales makes the tenant usable again.
+    assert admin.post("/v1/tenants/d/scales/rollback", json={"version": 0}).status_code == 200
+    r = admin.post("/v1/completions", json={"model": "d", "prompt": PROMPT, "max_tokens": 4})
+    assert r.status_code == 200
+    assert admin.delete("/v1/tenants/d").status_code == 200
+
+
 # ------------------------------------------------------------------------------------------------ metrics, disconnect
 def _metrics(client: httpx.Client) -> dict[tuple[str, tuple], float]:
     text = client.get("/metrics").text
