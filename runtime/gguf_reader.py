@@ -107,8 +107,8 @@ def load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str, di
             "load the Hugging Face checkpoint directory instead"
         )
     config = _config_from_metadata(meta, tensor_names, embed_rows, path)
+    tokenizer_json = build_tokenizer_json(meta, path)  # before the slow part: fail fast on an unsupported vocabulary
     state_dict = _read_tensors(reader, config, arch, path)
-    tokenizer_json = build_tokenizer_json(meta, path)
     tokenizer_config = _tokenizer_config(meta, config)
     return config, state_dict, tokenizer_json, tokenizer_config
 

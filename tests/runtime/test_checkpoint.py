@@ -7,8 +7,6 @@ same dequantization arithmetic in fp32, and an HF directory round trip is lossle
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
