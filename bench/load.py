@@ -44,8 +44,8 @@ Examples::
     python bench/load.py --serve --sweep --duration 60 --json bench/results/load.json --png bench/results/load.png
     python bench/load.py --base-url http://127.0.0.1:8080 --request-rate 2 --num-requests 100   # llama.cpp
 
-``--serve`` starts ``scaleswap serve`` itself on a free port (default model) and
-stops it at the end. ``--sweep`` runs concurrency 1,4,16 × tenants 1,64 (Zipf)
+``--serve`` starts ``scaleswap serve`` itself on a free port (default model, a
+temporary data dir unless ``--serve-args`` names one) and stops it at the end. ``--sweep`` runs concurrency 1,4,16 × tenants 1,64 (Zipf)
 and prints one table with the 64-tenant / 1-tenant throughput ratio.
 """
 from __future__ import annotations
@@ -603,22 +603,29 @@ def plot_run(s: dict[str, Any], path: str) -> None:
 
 
 def sweep_table(points: list[dict[str, Any]], concurrencies: list[int], tenant_counts: list[int]) -> list[dict]:
-    """One row per concurrency: throughput per tenant count and the ratio many/1 tenant(s)."""
-    by = {(p["config"]["concurrency"], p["config"]["tenants"]): p for p in points}
+    """One row per concurrency: figures per tenant count (medians over repeats) and the ratio many/1 tenant(s)."""
+    by: dict[tuple[int, int], list[dict]] = {}
+    for p in points:
+        by.setdefault((p["config"]["concurrency"], p["config"]["tenants"]), []).append(p)
+
+    def med(c: int, t: int, f) -> float | None:
+        vals = [f(p) for p in by[(c, t)]]
+        vals = [v for v in vals if v is not None]
+        return float(np.median(vals)) if vals else None
+
     lo, hi = tenant_counts[0], tenant_counts[-1]
     rows = []
     for c in concurrencies:
-        row: dict[str, Any] = {"concurrency": c}
+        row: dict[str, Any] = {"concurrency": c, "repeats": len(by[(c, lo)])}
         for t in tenant_counts:
-            p = by[(c, t)]
-            row[f"tok_s_{t}t"] = p["output_tokens_per_s"]
-            row[f"req_s_{t}t"] = p["requests_per_s"]
-            row[f"ttft_p50_ms_{t}t"] = p["ttft_ms"]["p50"]
-            row[f"tpot_p50_ms_{t}t"] = p["tpot_ms"]["p50"]
-            row[f"errors_{t}t"] = p["num_errors"]
-            row[f"scale_loads_{t}t"] = p.get("server_metrics", {}).get("scale_loads")  # scaleswap only
-        base = by[(c, lo)]["output_tokens_per_s"]
-        row["ratio"] = by[(c, hi)]["output_tokens_per_s"] / base if base > 0 else None
+            row[f"tok_s_{t}t"] = med(c, t, lambda p: p["output_tokens_per_s"])
+            row[f"req_s_{t}t"] = med(c, t, lambda p: p["requests_per_s"])
+            row[f"ttft_p50_ms_{t}t"] = med(c, t, lambda p: p["ttft_ms"]["p50"])
+            row[f"tpot_p50_ms_{t}t"] = med(c, t, lambda p: p["tpot_ms"]["p50"])
+            row[f"errors_{t}t"] = sum(p["num_errors"] for p in by[(c, t)])
+            row[f"scale_loads_{t}t"] = med(c, t, lambda p: p.get("server_metrics", {}).get("scale_loads"))
+        base = row[f"tok_s_{lo}t"]
+        row["ratio"] = row[f"tok_s_{hi}t"] / base if base else None
         rows.append(row)
     return rows
 
@@ -660,14 +667,18 @@ def plot_sweep(rows: list[dict], tenant_counts: list[int], path: str) -> None:
     plt.close(fig)
 
 
-async def run_sweep(cfg: LoadConfig, concurrencies: list[int], tenant_counts: list[int]) -> dict[str, Any]:
-    """Closed-loop runs over concurrency × tenant count, tenants created once (the largest count)."""
+async def run_sweep(
+    cfg: LoadConfig, concurrencies: list[int], tenant_counts: list[int], repeats: int = 1
+) -> dict[str, Any]:
+    """Closed-loop runs over concurrency × tenant count (× repeats), tenants created once (the largest count)."""
     points = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s, connect=30.0)) as client:
         big = LoadConfig(**{**asdict(cfg), "tenants": max(tenant_counts)})
         full = await prepare_target(client, big)
     for c in concurrencies:
-        for t in tenant_counts:
+        # ABBA order over repeats (1t, 64t, 64t, 1t, ...) so a drifting machine biases neither side
+        order = [t for rep in range(repeats) for t in (tenant_counts if rep % 2 == 0 else tenant_counts[::-1])]
+        for t in order:
             point_cfg = LoadConfig(**{**asdict(cfg), "concurrency": c, "request_rate": None, "tenants": t})
             s = await run_load(point_cfg, full.subset(t))
             print_summary(s)
@@ -686,6 +697,12 @@ class ScaleswapServer:
     """``scaleswap serve`` as a subprocess on a free local port, with a random admin key."""
 
     def __init__(self, extra_args: list[str], log_path: str | None, startup_timeout_s: float = 600.0) -> None:
+        import tempfile
+
+        # a fresh tenant store per run unless --serve-args names one (never ./scaleswap-data by accident)
+        self.tmp_dir = None if "--data-dir" in extra_args else tempfile.mkdtemp(prefix="scaleswap-load-")
+        if self.tmp_dir is not None:
+            extra_args = ["--data-dir", self.tmp_dir, *extra_args]
         self.port = free_port()
         self.admin_key = secrets.token_urlsafe(16)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -719,6 +736,8 @@ class ScaleswapServer:
                 self.proc.wait()
         if self.log is not subprocess.DEVNULL:
             self.log.close()
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -770,6 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--sweep", action="store_true", help="closed loop over --sweep-concurrency × --sweep-tenants")
     sw.add_argument("--sweep-concurrency", type=parse_int_list, default=[1, 4, 16])
     sw.add_argument("--sweep-tenants", type=parse_int_list, default=[1, 64])
+    sw.add_argument("--sweep-repeats", type=int, default=1,
+                    help="runs per point in ABBA order; the table shows medians")  # fmt: skip
     out = p.add_argument_group("output")
     out.add_argument("--json", help="write the results as JSON here")
     out.add_argument("--png", help="write a figure here")
@@ -831,7 +852,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.sweep:
             cfg.request_rate, cfg.concurrency = None, 1
             cfg.validate()
-            result = asyncio.run(run_sweep(cfg, a.sweep_concurrency, a.sweep_tenants))
+            if a.sweep_repeats < 1:
+                raise ValueError(f"--sweep-repeats must be ≥ 1, got {a.sweep_repeats}")
+            result = asyncio.run(run_sweep(cfg, a.sweep_concurrency, a.sweep_tenants, a.sweep_repeats))
             print_sweep(result["table"], a.sweep_tenants)
             if a.png:
                 plot_sweep(result["table"], a.sweep_tenants, a.png)
