@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,9 +70,29 @@ def _service(request: Request) -> FinetuneService:
     return request.app.state.finetune
 
 
+def runner_settings(settings) -> RunnerSettings:
+    """CPU share and threads of the training thread: ``settings.finetune_cpu_share`` / ``finetune_threads`` when
+    the server settings declare them, else ``SCALESWAP_FINETUNE_CPU_SHARE`` / ``SCALESWAP_FINETUNE_THREADS``."""
+    share = getattr(settings, "finetune_cpu_share", None) or os.environ.get("SCALESWAP_FINETUNE_CPU_SHARE")
+    threads = getattr(settings, "finetune_threads", None) or os.environ.get("SCALESWAP_FINETUNE_THREADS")
+    out = RunnerSettings()
+    try:
+        if share is not None:
+            out.cpu_share = float(share)
+        if threads is not None:
+            out.num_threads = int(threads)
+    except ValueError:
+        raise ValueError(f"fine-tuning CPU share must be a number in (0, 1] and threads an integer >= 1, "
+                         f"got {share!r} / {threads!r}") from None
+    if not 0 < out.cpu_share <= 1 or (out.num_threads is not None and out.num_threads < 1):
+        raise ValueError(f"fine-tuning CPU share must be in (0, 1] and threads >= 1, got {share!r} / {threads!r}")
+    return out
+
+
 async def startup(app) -> None:
     """Open the job store, fail jobs a killed process left running, and start the runner once the model is up."""
     state: ServerState = app.state.server
+    settings = runner_settings(state.settings)  # refuse bad values at startup, not in the background task
     jobs = await asyncio.to_thread(JobStore, state.settings.data_dir)
     failed = await asyncio.to_thread(jobs.recover_after_restart)
     if failed:
@@ -94,7 +115,7 @@ async def startup(app) -> None:
         tokenizer = engine.tokenizer
         pad = getattr(tokenizer, "pad_token_id", None)
         runner = JobRunner(jobs, engine.model, tokenizer, state.store, state.base, publish=publish,
-                           settings=RunnerSettings(), pad_id=pad if pad is not None else 0)
+                           settings=settings, pad_id=pad if pad is not None else 0)
         runner.start()
         service.runner = runner
 
