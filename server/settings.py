@@ -46,6 +46,7 @@ class ServerSettings(BaseSettings):
     admin_key: SecretStr | None = Field(None, description="Bearer key for tenant management; none: open on loopback")
 
     # -- engine -------------------------------------------------------------------------------
+    device: str = Field("auto", description="engine device: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     max_waiting: int = Field(256, ge=1, description="waiting-queue bound; beyond it requests get 429")
     max_num_seqs: int | None = Field(None, ge=1, description="sequences decoded together (engine default if unset)")
     max_model_len: int | None = Field(None, ge=16, description="context length (engine default if unset)")
@@ -67,6 +68,20 @@ class ServerSettings(BaseSettings):
         if v.lower() not in choices:
             raise ValueError(f"log level must be one of {', '.join(choices)}, got {v!r}")
         return v.lower()
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @field_validator("bits")
     @classmethod

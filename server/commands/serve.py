@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (default 8000; 0 = any free port)")
     p.add_argument("--data-dir", help="tenant store directory (default ./scaleswap-data)")
     p.add_argument("--admin-key", help="admin Bearer key (or SCALESWAP_ADMIN_KEY); none: open on loopback")
+    p.add_argument("--device", help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--max-waiting", type=int, help="waiting-queue bound; beyond it 429 (default 256)")
     p.add_argument("--max-num-seqs", type=int, help="sequences decoded together (engine default)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, within the KV cache)")
