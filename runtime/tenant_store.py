@@ -17,7 +17,9 @@ Durability (a kill at any moment leaves a consistent store):
   or by a deleted tenant) are removed.
 
 Versions: version 0 is the base scale set (no blob; every tenant starts there). Uploads get 1, 2, 3, ...;
-numbers are never reused for a tenant, even after a rollback (rollback only moves the pointer). Every version
+numbers are never reused for a tenant id, even after a rollback (rollback only moves the pointer) or a delete
+and re-create (the new tenant continues after the old one's last number), so ``(tenant, version)`` always names
+one scale set: the engine's scale bank caches by that pair. Every version
 is kept until :meth:`TenantStore.prune` removes it.
 
 API keys: ``sk-ss-<key_id>.<secret>``; ``key_id`` (12 hex) is stored in clear to find the tenant,
@@ -174,6 +176,9 @@ class TenantStore:
                     note TEXT,
                     PRIMARY KEY (tenant_id, version))"""
             )
+            # Highest version a deleted tenant id reached: a re-created tenant continues after it, so a
+            # (tenant, version) pair never names two different scale sets (the engine caches by that pair).
+            c.execute("CREATE TABLE IF NOT EXISTS retired (id TEXT PRIMARY KEY, latest_version INTEGER NOT NULL)")
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -255,9 +260,11 @@ class TenantStore:
         with self._transaction() as c:
             if c.execute("SELECT 1 FROM tenants WHERE id=?", (tenant_id,)).fetchone():
                 raise TenantStoreError(f"tenant {tenant_id!r} already exists", "tenant_exists")
+            retired = c.execute("SELECT latest_version FROM retired WHERE id=?", (tenant_id,)).fetchone()
             c.execute(
-                "INSERT INTO tenants (id, created_at, key_id, key_salt, key_hash) VALUES (?, ?, ?, ?, ?)",
-                (tenant_id, now, key_id, salt, _hash_secret(salt, secret)),
+                "INSERT INTO tenants (id, created_at, key_id, key_salt, key_hash, latest_version) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant_id, now, key_id, salt, _hash_secret(salt, secret), retired[0] if retired else 0),
             )
             c.execute(
                 "INSERT INTO versions (tenant_id, version, created_at, sha256, size_bytes, source) "
@@ -286,8 +293,11 @@ class TenantStore:
     def delete_tenant(self, tenant_id: str) -> None:
         """Delete a tenant, its key and all its versions; blobs no other tenant uses are removed."""
         with self._transaction() as c:
-            if c.execute("DELETE FROM tenants WHERE id=?", (tenant_id,)).rowcount == 0:
+            row = c.execute("SELECT latest_version FROM tenants WHERE id=?", (tenant_id,)).fetchone()
+            if row is None:
                 raise TenantStoreError(f"tenant {tenant_id!r} does not exist", "tenant_not_found")
+            c.execute("INSERT OR REPLACE INTO retired VALUES (?, ?)", (tenant_id, row["latest_version"]))
+            c.execute("DELETE FROM tenants WHERE id=?", (tenant_id,))
             # ON DELETE CASCADE removes the version rows.
         self._remove_orphan_blobs()
 

@@ -120,6 +120,11 @@ def test_dedup_delete_and_prune(store):
     store.delete_tenant("b")
     assert list(store.blob_dir.iterdir()) == []
     assert store.get_tenant("b") is None
+    # Re-created: starts on the base again, but version numbers continue (never name two scale sets).
+    rec, _ = store.create_tenant("b")
+    assert rec.current_version == 0 and rec.latest_version == 5
+    assert [v.version for v in store.list_versions("b")] == [0]
+    assert store.add_version("b", _scale_bytes(40)).version == 6
 
 
 def test_persists_across_reopen_and_refuses_other_base(store, tmp_path):
