@@ -57,6 +57,7 @@ import math
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import socket
 import struct
@@ -836,7 +837,7 @@ def redacted_command(argv: list[str]) -> str:
             out.append(arg.split("=", 1)[0] + "=***")
         else:
             out.append(arg)
-    return " ".join(out)
+    return shlex.join(out).replace("'***'", "***")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -844,8 +845,6 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         if a.serve:
-            import shlex
-
             server = ScaleswapServer(shlex.split(a.serve_args), a.serve_log)
             a.base_url, a.scaleswap_admin_key = server.url, server.admin_key
         cfg = config_from_args(a)
