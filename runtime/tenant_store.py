@@ -138,7 +138,10 @@ class TenantStore:
         self.blob_dir = self.data_dir / "blobs"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.base_scales_path = Path(base_scales_path) if base_scales_path is not None else None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the SQLite connection (held for one statement/transaction only)
+        # Blob files: writers (blob + its row) vs orphan cleanup. Order: _blob_lock before _lock, never after,
+        # so metadata reads (auth on the event loop) never wait for a blob's fsync.
+        self._blob_lock = threading.Lock()
         self._conn = sqlite3.connect(
             self.data_dir / "tenants.sqlite3", check_same_thread=False, isolation_level=None, timeout=30.0
         )
@@ -149,7 +152,7 @@ class TenantStore:
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._create_schema()
             self._check_base(base_fingerprint)
-            self.removed_orphans = self._remove_orphan_blobs()
+        self.removed_orphans = self._remove_orphan_blobs()
 
     # -- schema -------------------------------------------------------------------------------
     def _create_schema(self) -> None:
@@ -221,10 +224,11 @@ class TenantStore:
 
     def _remove_orphan_blobs(self) -> int:
         """Delete temp files and blobs that no version row references. Returns how many were removed."""
-        with self._lock:
-            referenced = {
-                r["sha256"] for r in self._conn.execute("SELECT sha256 FROM versions WHERE sha256 IS NOT NULL")
-            }
+        with self._blob_lock:
+            with self._lock:
+                referenced = {
+                    r["sha256"] for r in self._conn.execute("SELECT sha256 FROM versions WHERE sha256 IS NOT NULL")
+                }
             removed = 0
             for p in self.blob_dir.iterdir():
                 is_tmp = p.name.startswith(".tmp-")
@@ -358,7 +362,7 @@ class TenantStore:
         self.require_tenant(tenant_id)
         digest = hashlib.sha256(data).hexdigest()
         now = time.time()
-        with self._lock:
+        with self._blob_lock:  # the blob must not be cleaned up as an orphan before its row commits
             path = self.blob_path(digest)
             if not path.exists():  # content-addressed: an existing final name is complete (rename is atomic)
                 atomic_write_bytes(path, data)

@@ -206,3 +206,36 @@ def test_kill_at_random_moment_leaves_consistent_store(tmp_path, delay_s):
         assert {p.stem for p in s.blob_dir.iterdir()} == referenced
     finally:
         s.close()
+
+
+def test_concurrent_threads(store):
+    """Uploads, rollbacks, deletes and auth from several threads: numbering stays dense, nothing dangles."""
+    import threading
+
+    keys = {t: store.create_tenant(t)[1] for t in ("t0", "t1", "t2", "gone")}
+    errors: list[BaseException] = []
+
+    def uploader(t: str, seed: int) -> None:
+        try:
+            for i in range(6):
+                store.add_version(t, _scale_bytes(seed * 100 + i))
+                assert store.authenticate(keys[t]) == t
+                if i == 3:
+                    store.set_current_version(t, 2)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=uploader, args=(t, i)) for i, t in enumerate(("t0", "t1", "t2"))]
+    threads.append(threading.Thread(target=store.delete_tenant, args=("gone",)))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t in ("t0", "t1", "t2"):
+        assert [v.version for v in store.list_versions(t)] == list(range(7))
+        assert store.current_version(t) == 6
+        for v in store.list_versions(t)[1:]:
+            assert hashlib.sha256(store.blob_path(v.sha256).read_bytes()).hexdigest() == v.sha256
+    assert store.get_tenant("gone") is None and store.authenticate(keys["gone"]) is None
+    assert len(list(store.blob_dir.iterdir())) == 18
