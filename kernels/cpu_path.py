@@ -8,24 +8,31 @@ and ``bench/kernels.py``):
 
 * **int4pack path** (bits <= 4, M <= :func:`int4_max_rows`): ``aten._weight_int4pack_mm_for_cpu``
   with bf16 activations. That op computes ``x @ ((q − 8)·s + z')ᵀ`` per K-group; it is fast only
-  with bf16 activations (with fp32 ones it takes a 2–100× slower path). Any Q of <= 4 bits fits
-  its 4-bit nibbles unchanged.
-    - per channel: ONE call for the whole mixed batch with unit scales and ``z' = 8 − Z`` (so it
-      returns the shared integer product ``U = X (Q − Z)ᵀ`` exactly up to bf16 rounding), then
-      the epilogue ``Y = U ⊙ S[slot]`` gathers each row's tenant scales (DESIGN §2).
-    - group-wise: the tenant's scale sits inside the K loop, so one call per distinct tenant in
-      the batch with that tenant's ``(s, z')`` in bf16; rows are grouped by tenant.
+  with bf16 activations (with fp32 ones it takes a 2–100× slower path). For bits <= 3 the op's
+  nibbles hold ``Q − Z + 8`` (in [1, 15]) so ``z' = 0``; 4-bit ``Q − Z`` does not fit a nibble, so
+  they hold ``Q`` and ``z' = s·(8 − Z)``.
+    - per channel: ONE call for the whole mixed batch with unit scales (so it returns the shared
+      integer product ``U = X (Q − Z)ᵀ``), then the epilogue ``Y = U ⊙ S[slot]`` gathers each
+      row's tenant scales (DESIGN §2): a mixed batch costs one (M, N) gather more.
+    - group-wise: the tenant's scale sits inside the K loop and the op has no per-row scales, so
+      one call per distinct tenant with that tenant's ``(s, z')`` in bf16 ("int4pack-per-tenant",
+      rows grouped by tenant, chosen while the rows per tenant stay in the op's fast range and
+      T <= 64). Each call re-reads the (cached) weight: a batch of T tenants costs ~T calls.
 * **dense path** (M above the threshold, 8-bit weights, or group sizes that are not multiples
   of 32): a lazily built float32 cache of the centered integers ``C = Q − Z`` and MKL sgemm:
   per channel ``Y = (X Cᵀ) ⊙ S[slot]`` (one GEMM for every tenant); group-wise either per
-  distinct tenant ``X_t (C ⊙ S_t)ᵀ`` or, when many tenants share a batch, per-group partial
-  products ``Σ_g S[slot, :, g] ⊙ (X_g C_gᵀ)`` (one batched GEMM for every tenant).
+  distinct tenant ``X_t (C ⊙ S_t)ᵀ`` (the tenant's weight dequantized into a reused scratch
+  buffer) or, when many tenants share a batch, per-group partial products
+  ``Σ_g S[slot, :, g] ⊙ (X_g C_gᵀ)`` (one batched GEMM for every tenant, ~2–3× a dense GEMM).
+:func:`plan` makes the choice; ``force_plan`` overrides it (benchmarks).
 
 Memory per weight element (N·K): packed Q on disk 0.25–0.5 B; int4pack copy 0.5 B (always built
 for bits <= 4); the float32 dense cache 4 B, built only the first time a call needs it (a prefill
 of more than :func:`int4_max_rows` rows, 8-bit weights, or a backward pass). For SmolLM2-135M
 (106 M quantized weights) that is 53 MB + 425 MB. Group-wise int4 additionally keeps a bf16
-``(scale, zero)`` copy per slot in use, the size of that slot's scales.
+``(scale, zero)`` copy per slot in use, the size of that slot's scales, and group-wise dense calls
+share one float32 scratch buffer per thread of the largest layer's N·K (4 B each; 7 MB for the
+135M model's MLP).
 
 Numerics: the int4pack path rounds activations, and its output, to bf16 (8-bit mantissa: ~3
 significant digits); group-wise it also rounds each tenant's scales (and for 4-bit ``s·(8 − Z)``,
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -61,17 +69,20 @@ def cpu_has_bf16_dot() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def int4_max_rows() -> int:
+def int4_max_rows(group_wise: bool = False) -> int:
     """Largest M that takes the int4pack path; above it the float32 dense path is faster.
 
     Measured with model-like timing (bench/kernels.py): without bf16 instructions (AVX2) int4pack
-    beats sgemm up to M≈16–24 and loses from M=32; with AVX512-BF16 it wins up to M≈128.
+    beats sgemm up to M≈16–24 and loses from M=32 (group-wise the dense path must first dequantize
+    the tenant's weight, which moves the crossover up); with AVX512-BF16 it wins up to M≈64.
     Override with the environment variable ``SCALESWAP_CPU_INT4_MAX_ROWS`` (0 disables it).
     """
     env = os.environ.get("SCALESWAP_CPU_INT4_MAX_ROWS")
     if env is not None:
         return int(env)
-    return 128 if cpu_has_bf16_dot() else 16
+    if cpu_has_bf16_dot():
+        return 64
+    return 32 if group_wise else 16
 
 
 class CpuWeightCache:
@@ -88,6 +99,7 @@ class CpuWeightCache:
         self.int4: torch.Tensor | None = None  # packed for _weight_int4pack_mm_for_cpu
         self.bank_cache_key: tuple | None = None
         self.slot_sz: dict[int, torch.Tensor] = {}  # slot -> (K4/qgs, N4, 2) bf16
+        self._bank_rows: tuple | None = None  # (bank, (S, N) view, (N,) view)
         self._build_int4()
 
     # -- int4pack ---------------------------------------------------------------------------
@@ -139,6 +151,13 @@ class CpuWeightCache:
             if key is not None:
                 self.slot_sz[slot] = sz
         return sz
+
+    def bank_rows(self, scale_bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel: the bank as (S, N) and its slot 0 as (N,), views cached per bank tensor."""
+        if self._bank_rows is None or self._bank_rows[0] is not scale_bank:
+            bank2d = scale_bank.detach()[:, :, 0]
+            self._bank_rows = (scale_bank, bank2d, bank2d[0])
+        return self._bank_rows[1], self._bank_rows[2]
 
     def int4_mm(self, xb: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         """(M, K) bf16 -> (M, N) bf16 through the int4pack op (pads K, drops padded columns)."""
@@ -199,15 +218,67 @@ def slot_groups(slot_ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]
     return groups
 
 
-def _grouped_partial(x32: torch.Tensor, cache: CpuWeightCache, scale_rows: torch.Tensor) -> torch.Tensor:
-    """Σ_g S_rows[:, :, g] ⊙ (X_g C_gᵀ): x32 (M, K), scale_rows (M, N, G) -> (M, N) float32."""
+_GROUPED_CHUNK_ELEMENTS = 1 << 22  # rows per chunk × N × G of the partial products (16 MB)
+
+
+def _grouped_partial(x32: torch.Tensor, cache: CpuWeightCache, scale_rows_of: callable) -> torch.Tensor:
+    """Σ_g S_rows[:, :, g] ⊙ (X_g C_gᵀ): x32 (M, K) -> (M, N) float32, in row chunks.
+
+    ``scale_rows_of(r0, r1)`` returns the gathered scales (r1 − r0, N, G) of those rows.
+    """
     M = x32.shape[0]
     if cache.K_groups != cache.K:
         x32 = F.pad(x32, (0, cache.K_groups - cache.K))
-    xg = x32.view(M, cache.G, cache.group_len).transpose(0, 1)  # (G, M, gl)
     cg = cache.dense3.permute(1, 2, 0)  # (G, gl, N)
-    u = torch.bmm(xg, cg)  # (G, M, N) partial products per group
-    return torch.einsum("gmn,mng->mn", u, scale_rows)
+    y = torch.empty((M, cache.N), dtype=torch.float32)
+    chunk = max(1, _GROUPED_CHUNK_ELEMENTS // (cache.N * cache.G))
+    for r0 in range(0, M, chunk):
+        r1 = min(M, r0 + chunk)
+        xg = x32[r0:r1].view(r1 - r0, cache.G, cache.group_len).transpose(0, 1)  # (G, m, gl)
+        u = torch.bmm(xg, cg)  # (G, m, N) partial products per group
+        y[r0:r1] = torch.einsum("gmn,mng->mn", u, scale_rows_of(r0, r1))
+    return y
+
+
+PLANS = ("int4pack", "int4pack-per-tenant", "dense-fp32", "dense-fp32-per-tenant", "dense-fp32-grouped")
+force_plan: str | None = None  # benchmarks set this to time a branch the heuristic would not pick
+
+
+def plan(weight, M: int, num_tenants: int) -> str:
+    """Which CPU branch a call with M rows and ``num_tenants`` distinct slots takes (see module docstring)."""
+    cache: CpuWeightCache = weight.cpu_cache()
+    group_wise = weight.group_size != -1
+    if force_plan is not None:
+        forced = force_plan
+        if not group_wise:
+            forced = "int4pack" if forced.startswith("int4pack") else "dense-fp32"
+        elif forced == "int4pack" and num_tenants > 1:
+            forced = "int4pack-per-tenant"
+        if forced.startswith("int4pack") and cache.int4 is None:
+            raise ValueError("this weight has no int4pack form (bits > 4 or group size not a multiple of 32)")
+        return forced
+    int4_rows = int4_max_rows(group_wise) if cache.int4 is not None else -1
+    if not group_wise:
+        return "int4pack" if M <= int4_rows else "dense-fp32"
+    if num_tenants == 1:
+        return "int4pack" if M <= int4_rows else "dense-fp32-per-tenant"
+    if -(-M // num_tenants) <= int4_rows and num_tenants <= _INT4_MAX_TENANTS:
+        return "int4pack-per-tenant"  # one int4pack call per tenant, each in the op's fast range
+    if num_tenants * cache.K <= 2 * M * cache.G:
+        return "dense-fp32-per-tenant"  # dequantize each tenant's weight: T·N·K extra work
+    return "dense-fp32-grouped"  # one batched GEMM of per-group partial products: M·N·G extra
+
+
+_INT4_MAX_TENANTS = 64
+_scratch = threading.local()
+
+
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    """A float32 buffer reused across calls of this thread (a fresh multi-MB tensor per call costs page faults)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
 
 
 def cpu_forward(
@@ -219,18 +290,19 @@ def cpu_forward(
     """CPU forward: x (M, K) any float dtype -> (M, N) in x.dtype. Arguments already validated."""
     cache: CpuWeightCache = weight.cpu_cache()
     M = x.shape[0]
-    use_int4 = cache.int4 is not None and M <= int4_max_rows()
     if weight.group_size == -1:
-        bank2d = scale_bank[:, :, 0]  # (S, N) view: G = 1
-        if use_int4:
+        if plan(weight, M, 1) == "int4pack":
             u = cache.int4_mm(x.to(torch.bfloat16), cache.unit_sz)  # (M, N) bf16
         else:
             u = F.linear(x.to(torch.float32), cache.centered)  # (M, N) float32
-        scale = bank2d[0] if slot_ids is None else bank2d.index_select(0, slot_ids)  # (N,) | (M, N)
-        y = torch.mul(u, scale)  # float32
+        bank2d, base = cache.bank_rows(scale_bank)  # (S, N), (N,) views
+        scale = base if slot_ids is None else bank2d.index_select(0, slot_ids)  # (N,) | (M, N)
+        y = torch.mul(u, scale) if weight.bias is None else torch.addcmul(weight.bias, u, scale)  # float32
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     else:
         groups = [(0, None)] if slot_ids is None else slot_groups(slot_ids)
-        if use_int4:
+        path = plan(weight, M, len(groups))
+        if path.startswith("int4pack"):
             xb = x.to(torch.bfloat16)
             if len(groups) == 1:
                 y = cache.int4_mm(xb, cache.sz_for_slot(scale_bank, groups[0][0]))  # (M, N) bf16
@@ -239,22 +311,20 @@ def cpu_forward(
                 for slot, rows in groups:
                     y.index_copy_(0, rows, cache.int4_mm(xb.index_select(0, rows), cache.sz_for_slot(scale_bank, slot)))
             y = y.to(torch.float32)
-        else:
+        elif path == "dense-fp32-per-tenant":
             x32 = x.to(torch.float32)
-            if len(groups) == 1 or len(groups) * cache.K <= 2 * M * cache.G:  # few tenants: dequantize each
-                y = None
-                for slot, rows in groups:
-                    w = (cache.dense3 * scale_bank[slot].detach().to(torch.float32).unsqueeze(-1)).view(cache.N, -1)
-                    w = w[:, : cache.K]  # (N, K)
-                    if rows is None:
-                        y = F.linear(x32, w)
-                    else:
-                        if y is None:
-                            y = torch.empty((M, cache.N), dtype=torch.float32)
-                        y.index_copy_(0, rows, F.linear(x32.index_select(0, rows), w))
-            else:  # many tenants: one batched GEMM of per-group partial products
-                scale_rows = scale_bank.detach().to(torch.float32).index_select(0, slot_ids)  # (M, N, G)
-                y = _grouped_partial(x32, cache, scale_rows)
+            y = None if len(groups) == 1 else torch.empty((M, cache.N), dtype=torch.float32)
+            for slot, rows in groups:
+                s = scale_bank[slot].detach().to(torch.float32).unsqueeze(-1)  # (N, G, 1)
+                w3 = _scratch_buffer(cache.N * cache.K_groups).view(cache.N, cache.G, cache.group_len)
+                w = torch.mul(cache.dense3, s, out=w3).view(cache.N, cache.K_groups)[:, : cache.K]  # (N, K)
+                if rows is None:
+                    y = F.linear(x32, w)
+                else:
+                    y.index_copy_(0, rows, F.linear(x32.index_select(0, rows), w))
+        else:
+            bank = scale_bank.detach().to(torch.float32)
+            y = _grouped_partial(x.to(torch.float32), cache, lambda r0, r1: bank.index_select(0, slot_ids[r0:r1]))
     if weight.bias is not None:
         y = y + weight.bias
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -54,11 +54,12 @@ class PackedLinearWeight:
     group_size: int
     bias: torch.Tensor | None = None
     _caches: dict = field(default_factory=dict, init=False, repr=False)
+    _num_groups: int = field(default=1, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        G = num_groups(self.in_features, self.group_size)  # validates group_size
+        G = self._num_groups = num_groups(self.in_features, self.group_size)  # validates group_size
         N, K = self.out_features, self.in_features
         if self.qweight.dtype != torch.uint8 or tuple(self.qweight.shape) != (N, packed_row_bytes(K, self.bits)):
             raise ValueError(
@@ -77,7 +78,7 @@ class PackedLinearWeight:
     @property
     def num_groups(self) -> int:
         """G: 1 per channel, else ceil(K / group_size)."""
-        return num_groups(self.in_features, self.group_size)
+        return self._num_groups
 
     @property
     def device(self) -> torch.device:
@@ -195,7 +196,7 @@ def multi_tenant_linear(
         )
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    x2 = x.reshape(-1, K)  # (M, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # (M, K)
     if slot_ids is not None and (slot_ids.dim() != 1 or slot_ids.shape[0] != x2.shape[0]):
         raise ValueError(f"slot_ids must be (M,) = ({x2.shape[0]},), got {tuple(slot_ids.shape)}")
     backend = _resolve_backend(backend, x)
@@ -203,4 +204,4 @@ def multi_tenant_linear(
         y = _MultiTenantLinear.apply(x2, scale_bank, weight, slot_ids, backend)
     else:
         y = _forward(x2, weight, scale_bank, slot_ids, backend)
-    return y.view(*x.shape[:-1], N)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)

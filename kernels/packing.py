@@ -8,7 +8,8 @@ are zero. For 4-bit this is "low nibble first"; for 3-bit an element may straddl
 
 Both directions are vectorised torch (no Python loop over elements): 8 consecutive elements
 make exactly ``bits`` bytes, so a row is cut into chunks of 8 elements, each chunk is combined
-into one int64 word and split again into bytes (or the reverse).
+into one int32 word (8·bits <= 24 bits used) and split again into bytes (or the reverse): 8 + bits
+whole-tensor ops per direction.
 """
 
 from __future__ import annotations
@@ -48,14 +49,16 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return q.to(torch.uint8).contiguous()
     num_chunks = (K + 7) // 8
-    padded = torch.zeros((N, num_chunks * 8), dtype=torch.int64, device=q.device)
-    padded[:, :K] = q.to(torch.int64)
+    padded = torch.zeros((N, num_chunks * 8), dtype=torch.int32, device=q.device)
+    padded[:, :K] = q
     chunks = padded.view(N, num_chunks, 8)  # (N, C, 8)
-    shifts = torch.arange(8, device=q.device, dtype=torch.int64) * bits  # (8,)
-    words = (chunks << shifts).sum(dim=-1)  # (N, C), 8*bits <= 32 bits used
-    byte_shifts = torch.arange(bits, device=q.device, dtype=torch.int64) * 8  # (bits,)
-    packed = (words.unsqueeze(-1) >> byte_shifts) & 0xFF  # (N, C, bits)
-    return packed.reshape(N, num_chunks * bits)[:, :row_bytes].to(torch.uint8).contiguous()
+    words = chunks[:, :, 0].clone()  # (N, C): 8 elements = 8*bits <= 32 bits
+    for j in range(1, 8):  # loop over the 8 positions of a chunk, not over elements
+        words |= chunks[:, :, j] << (j * bits)
+    packed = torch.empty((N, num_chunks, bits), dtype=torch.uint8, device=q.device)
+    for i in range(bits):
+        packed[:, :, i] = (words >> (8 * i)) & 0xFF
+    return packed.view(N, num_chunks * bits)[:, :row_bytes].contiguous()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
@@ -71,11 +74,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     if bits == 8:
         return packed.contiguous()
     num_chunks = (K + 7) // 8
-    padded = torch.zeros((N, num_chunks * bits), dtype=torch.int64, device=packed.device)
-    padded[:, :row_bytes] = packed.to(torch.int64)
+    padded = torch.zeros((N, num_chunks * bits), dtype=torch.int32, device=packed.device)
+    padded[:, :row_bytes] = packed
     chunks = padded.view(N, num_chunks, bits)  # (N, C, bits)
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8  # (bits,)
-    words = (chunks << byte_shifts).sum(dim=-1)  # (N, C)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits  # (8,)
-    q = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # (N, C, 8)
-    return q.reshape(N, num_chunks * 8)[:, :K].to(torch.uint8).contiguous()
+    words = chunks[:, :, 0].clone()  # (N, C)
+    for i in range(1, bits):
+        words |= chunks[:, :, i] << (8 * i)
+    q = torch.empty((N, num_chunks, 8), dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    for j in range(8):  # loop over the 8 positions of a chunk, not over elements
+        q[:, :, j] = (words >> (j * bits)) & mask
+    return q.view(N, num_chunks * 8)[:, :K].contiguous()

@@ -39,7 +39,7 @@ def test_cpu_matches_reference(bits, group_size, M, mixed):
         y = multi_tenant_linear(x, w, bank, slots, backend="cpu")
         assert y.shape == (M, N) and y.dtype == torch.float32
         ref = _ref(x, w, bank, slots)
-        if w.cpu_cache().int4 is not None and M <= cpu_path.int4_max_rows():
+        if cpu_path.plan(w, M, 1).startswith("int4pack"):
             assert within_bound(y, ref, x, w, bank, slots, int4_tolerance(w))
         else:
             assert rel_err(y, ref) < 1e-5
@@ -57,11 +57,14 @@ def test_cpu_dense_branch_is_float32_exact(no_int4, group_size, M, mixed):
         assert rel_err(y, _ref(x, w, bank, slots)) < 1e-5
 
 
-def test_many_tenants_grouped_partial_products(no_int4):
-    # 64 rows, 64 distinct slots, small K: takes the per-group batched-GEMM branch
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 40 * 2 * 5])
+def test_many_tenants_grouped_partial_products(no_int4, monkeypatch, chunk_elements):
+    # 64 rows, 64 distinct slots, small K: takes the per-group batched-GEMM branch (in 5-row chunks too)
+    monkeypatch.setattr(cpu_path, "_GROUPED_CHUNK_ELEMENTS", chunk_elements)
     w, bank = make_layer(40, 64, 4, 32, num_slots=64)
     x = torch.randn(64, 64)
     slots = torch.randperm(64).to(torch.int32)
+    assert cpu_path.plan(w, 64, 64) == "dense-fp32-grouped"
     assert rel_err(multi_tenant_linear(x, w, bank, slots, backend="cpu"), _ref(x, w, bank, slots)) < 1e-5
 
 
