@@ -230,14 +230,20 @@ class ScaleBank:
 
     def _grow(self, new_capacity: int) -> None:
         """Reallocate every bank with ``new_capacity`` slots (between steps, so no forward reads the old one)."""
+        # NOTE: a normal (not inference-mode) tensor even when called from the engine's inference-mode step
+        # thread, so kernels may cache per-slot derived formats keyed on the bank's identity and version.
+        with torch.inference_mode(False):
+            self._grow_banks(new_capacity)
+        self._free_slots = list(range(new_capacity - 1, self.capacity - 1, -1)) + self._free_slots
+        self.capacity = new_capacity
+
+    def _grow_banks(self, new_capacity: int) -> None:
         for m in self.modules.values():
             old = m.bank
             bank = torch.empty((new_capacity, *old.shape[1:]), dtype=old.dtype, device=old.device)
             bank[: old.shape[0]].copy_(old)
             bank[old.shape[0]:].copy_(old[0:1].expand(new_capacity - old.shape[0], *old.shape[1:]))
             m.bank = bank
-        self._free_slots = list(range(new_capacity - 1, self.capacity - 1, -1)) + self._free_slots
-        self.capacity = new_capacity
 
     def close(self) -> None:
         if self._pool is not None:
