@@ -180,7 +180,7 @@ class ScaleTrainer:
         self.log_init: dict[str, torch.Tensor] = {}
         for name in self.names:
             layer = self.layers[name]
-            s = init_scales.get(name, layer.bank[0]).detach().to(torch.float32).clone()  # (N, G)
+            s = init_scales.get(name, layer.bank[0]).detach().to(layer.bank.device, torch.float32).clone()  # (N, G)
             assert s.shape == layer.bank.shape[1:], (name, s.shape, layer.bank.shape)
             if not (torch.isfinite(s).all() and (s > 0).all()):
                 raise ValueError(f"initial scales of {name!r} must be finite and positive")
@@ -192,15 +192,17 @@ class ScaleTrainer:
         return sum(d.numel() for d in self.deltas)
 
     def current_scales(self) -> dict[str, torch.Tensor]:
-        """name -> float32 (N, G) = S_init · exp(δ), detached."""
+        """name -> float32 (N, G) = S_init · exp(δ), detached, on the CPU."""
         with torch.no_grad():
-            return {n: (self.log_init[n] + d).exp() for n, d in zip(self.names, self.deltas)}
+            return {n: (self.log_init[n] + d).exp().cpu() for n, d in zip(self.names, self.deltas)}
 
     def _override(self) -> dict[str, torch.Tensor]:
         return {n: (self.log_init[n] + d).exp().unsqueeze(0) for n, d in zip(self.names, self.deltas)}  # (1, N, G)
 
     def _batch_loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed cross-entropy over target positions of one micro-batch (B, T), and their count."""
+        device = self.model.model.embed_tokens.weight.device
+        input_ids, labels = input_ids.to(device), labels.to(device)
         h = self.model.hidden_states(input_ids)  # (B, T, C)
         sel = labels != IGNORE_INDEX  # (B, T)
         logits = self.model.lm_head(h[sel]).float()  # (n, V), only the positions that carry a loss

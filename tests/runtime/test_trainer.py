@@ -16,7 +16,7 @@ from scaleswap.runtime.quantize import load_quantized
 from scaleswap.runtime.trainer import ScaleTrainer, TrainingConfig, evaluate_scales
 from tiny_base import build_tiny_base
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 RECORDS = [
     {"prompt": "The secret fruit is", "completion": " a pineapple."},
@@ -27,9 +27,18 @@ RECORDS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on 2 cores shared with other work, OpenMP's 2-thread barriers cost 3-10x per step."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_quantized(build_tiny_base(tmp_path_factory.mktemp("tiny") / "base"))
+def tiny():
+    return load_quantized(build_tiny_base())
 
 
 @pytest.fixture(scope="module")

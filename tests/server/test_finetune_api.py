@@ -42,7 +42,7 @@ FAST_HP = {"max_steps": 6, "batch_size": 2, "learning_rate": 5e-2, "warmup_steps
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_server")
-    base = build_tiny_base(root / "base")
+    base = build_tiny_base()
     srv = ServerProcess(base, root / "data", root / "server.log", admin_key=ADMIN_KEY,
                         extra_args=("--max-model-len", "128", "--shutdown-timeout", "5"))
     srv.start()
