@@ -39,6 +39,70 @@ TRAINING = [
 FAST_HP = {"max_steps": 6, "batch_size": 2, "learning_rate": 5e-2, "warmup_steps": 1}
 
 
+# ----------------------------------------------------------------------------------------------- units
+def test_job_store_restart_policy_and_listing(tmp_path):
+    """Running jobs of a killed process fail with a reason; queued ones stay queued; lists are newest first."""
+    from scaleswap.runtime.jobs import JobStore
+
+    store = JobStore(tmp_path)
+    f = store.create_file(b'{"text": "a b"}\n', "t.jsonl", owner="alice")
+    assert store.read_file(f.id) == b'{"text": "a b"}\n' and store.get_file(f.id).owner == "alice"
+    jobs = [store.create_job("alice", "alice", f.id, None, {"max_steps": 1}, seed=0, status="queued") for _ in range(3)]
+    assert store.transition(jobs[0].id, ("queued",), "running", started_at=time.time())
+    assert not store.transition(jobs[0].id, ("queued",), "cancelled")  # compare-and-set
+    for i in range(5):
+        store.add_event(jobs[0].id, "metrics", f"step {i}", {"step": i})
+    store.close()
+    store = JobStore(tmp_path)  # "restart"
+    assert store.recover_after_restart() == [jobs[0].id]
+    j0 = store.get_job(jobs[0].id)
+    assert j0.status == "failed" and j0.error_code == "server_restarted" and j0.finished_at is not None
+    assert [store.get_job(j.id).status for j in jobs[1:]] == ["queued", "queued"]
+    assert store.next_queued().id == jobs[1].id
+    listed, more = store.list_jobs("alice", limit=2)
+    assert len(listed) == 2 and more and listed[0].created_at >= listed[1].created_at
+    rest, more = store.list_jobs("alice", after=listed[-1].id, limit=10)
+    assert not more and {j.id for j in listed + rest} == {j.id for j in jobs}
+    assert store.list_jobs("bob")[0] == []
+    events, more = store.list_events(jobs[0].id, limit=3)
+    steps = [e.data["step"] for e in events if e.type == "metrics"]
+    assert more and steps == sorted(steps, reverse=True) and steps[0] == 4  # newest first
+    older, _ = store.list_events(jobs[0].id, after=events[-1].id, limit=100)
+    assert all(e.id < events[-1].id for e in older)
+
+
+@pytest.mark.parametrize("raw, expect", [
+    ({}, {"learning_rate": 2e-2, "batch_size": 4, "n_epochs": 1}),
+    ({"n_epochs": "auto", "batch_size": 8}, {"batch_size": 8, "n_epochs": 1}),
+    ({"steps": 30, "warmup": 3, "gradient_accumulation_steps": 2}, {"max_steps": 30, "warmup_steps": 3, "grad_accum_steps": 2}),
+    ({"learning_rate_multiplier": 0.5}, {"learning_rate": 1e-2}),
+    ({"lr_scheduler": "linear", "validation_split": 0.2}, {"schedule": "linear", "validation_split": 0.2}),
+])
+def test_hyperparameters_resolve(raw, expect):
+    from scaleswap.server.routes_finetune import resolve_hyperparameters
+
+    out = resolve_hyperparameters(raw)
+    for k, v in expect.items():
+        assert out[k] == pytest.approx(v), (k, out)
+
+
+@pytest.mark.parametrize("raw, param", [
+    ({"n_epochs": 0}, "hyperparameters.n_epochs"), ({"batch_size": 2.5}, "hyperparameters.batch_size"),
+    ({"learning_rate": -1}, "hyperparameters.learning_rate"), ({"learning_rate": float("nan")}, "hyperparameters.learning_rate"),
+    ({"lr_scheduler": "step"}, "hyperparameters.lr_scheduler"), ({"momentum": 0.9}, "hyperparameters.momentum"),
+    ({"learning_rate": 1e-3, "learning_rate_multiplier": 2}, "hyperparameters.learning_rate_multiplier"),
+    ({"batch_size": True}, "hyperparameters.batch_size"),
+])
+def test_hyperparameters_refused(raw, param):
+    from scaleswap.server.errors import APIError
+    from scaleswap.server.routes_finetune import resolve_hyperparameters
+
+    with pytest.raises(APIError) as e:
+        resolve_hyperparameters(raw)
+    assert e.value.status == 400 and e.value.param == param
+
+
+# ----------------------------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_server")
