@@ -13,8 +13,9 @@ M, N, K, and prints/writes the ratios ``vs_dense`` (÷ dense; < 1 is faster) and
 Timing is "as a model runs it": each measurement cycles through enough independent copies of the
 layer that the dense float32 weights total >= 256 MB (the low-bit copies are as many, so they too
 stream from DRAM rather than sit in the 32 MB L3), warm-up excluded, median of several passes.
-Scale banks are cycled over as many copies as fit in 64 MB. Rows of tenant t use slot 1 + (r mod T),
-interleaved (the worst case for grouping rows by tenant).
+Scale banks are cycled over as many copies as fit in 64 MB. Row r uses slot 1 + (r mod T),
+interleaved (the worst case for grouping rows by tenant); the single-tenant call (T = 1) passes
+slot_ids too (every row slot 1), as the engine does for a batch of one non-base tenant.
 
 On CPU it measures the CPU path (``path`` names the branch taken) against fp32 MKL ``F.linear``;
 on a CUDA GPU the Triton kernels (fp16 activations) against cuBLAS fp16 ``F.linear`` and the memory
@@ -74,12 +75,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_per_call(fn, arg_list: list[tuple], device: str, min_passes: int = 3, budget_s: float = 1.5) -> float:
+BUDGET_S = 1.5  # seconds of passes per measurement beyond the first three (--quick: 0.3)
+
+
+def time_per_call(fn, arg_list: list[tuple], device: str, min_passes: int = 3, budget_s: float | None = None) -> float:
     """Median over passes of the mean time (ms) of one call, each pass cycling through ``arg_list``."""
     for args in arg_list[: min(len(arg_list), 4)]:
         fn(*args)  # warm-up: builds caches, compiles/autotunes
     _sync(device)
     passes: list[float] = []
+    budget_s = BUDGET_S if budget_s is None else budget_s
     start = time.perf_counter()
     while len(passes) < min_passes or (time.perf_counter() - start < budget_s and len(passes) < 20):
         t0 = time.perf_counter()
@@ -141,7 +146,7 @@ def bench_shape(K, N, llama, args, device, gen, records, dense_cache):
                     num_banks = max(1, min(copies, BANK_BYTES // (num_slots * N * G * 4)))
                     banks = [torch.rand(num_slots, N, G, generator=gen).to(device) * 0.02 + 0.005
                              for _ in range(num_banks)]
-                    slots = None if T == 1 else (1 + torch.arange(M, dtype=torch.int32) % T).to(device)
+                    slots = (1 + torch.arange(M, dtype=torch.int32) % T).to(device)  # T == 1: every row slot 1
                     calls = [(w, banks[i % num_banks]) for i, w in enumerate(weights)]
                     ms = time_per_call(lambda w, b: multi_tenant_linear(x, w, b, slots), calls, device)
                     single = ms if T == 1 else single
@@ -214,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-sizes", default=None, help="comma list, -1 = per channel (default -1,64,128; --quick: -1,64)")
     p.add_argument("--ms", default=None, help="comma list of M (default 1,8,32,128,512; --quick: 1,8,32,128)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 gives steadier figures on a shared, loaded machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        global BUDGET_S
+        BUDGET_S = 0.3
 
     def ints(s):
         return [int(v) for v in s.split(",")]

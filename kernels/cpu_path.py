@@ -17,7 +17,7 @@ and ``bench/kernels.py``):
     - group-wise: the tenant's scale sits inside the K loop and the op has no per-row scales, so
       one call per distinct tenant with that tenant's ``(s, z')`` in bf16 ("int4pack-per-tenant",
       rows grouped by tenant, chosen while the rows per tenant stay in the op's fast range and
-      T <= 64). Each call re-reads the (cached) weight: a batch of T tenants costs ~T calls.
+      T <= 16). Each call re-reads the (cached) weight: a batch of T tenants costs ~T calls.
 * **dense path** (M above the threshold, 8-bit weights, or group sizes that are not multiples
   of 32): a lazily built float32 cache of the centered integers ``C = Q − Z`` and MKL sgemm:
   per channel ``Y = (X Cᵀ) ⊙ S[slot]`` (one GEMM for every tenant); group-wise either per
@@ -269,7 +269,7 @@ def plan(weight, M: int, num_tenants: int) -> str:
     return "dense-fp32-grouped"  # one batched GEMM of per-group partial products: M·N·G extra
 
 
-_INT4_MAX_TENANTS = 64
+_INT4_MAX_TENANTS = 16  # above it the batched per-group GEMM is as fast or faster (bench, T = M = 32, 64)
 _scratch = threading.local()
 
 
