@@ -282,6 +282,10 @@ def test_cancel_running_and_queued_jobs(server, admin, keys, state, base_id):
         queued = alice.post("/v1/fine_tuning/jobs", json={"model": "alice", "training_data": TRAINING,
                                                           "hyperparameters": long_hp}).json()
         _wait_for_steps(alice, running["id"], 1)
+        # serving keeps answering while the job trains, and nobody sees the scales being trained
+        for _ in range(3):
+            assert _outputs(admin, base_id) == state["after_ok"]
+        assert alice.get(f"/v1/fine_tuning/jobs/{running['id']}").json()["status"] == "running"
         r = alice.post(f"/v1/fine_tuning/jobs/{queued['id']}/cancel")
         assert r.status_code == 200 and r.json()["status"] == "cancelled"
         assert alice.post(f"/v1/fine_tuning/jobs/{running['id']}/cancel").status_code == 200
