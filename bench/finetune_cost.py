@@ -5,7 +5,8 @@
 For each CPU share of the training thread (``SCALESWAP_FINETUNE_CPU_SHARE``; the thread sleeps between steps
 so it runs that fraction of the wall time), one real ``scaleswap serve`` process on the default 4-bit g64 base:
 ``--clients`` closed-loop clients send greedy completions (32 new tokens) to a tenant for ``--seconds``, first
-with no job, then while a long PEQA job trains another tenant (Python docs windows of 128 tokens, batch 2). Reported: completion tokens/s in both phases, their ratio, and training steps/s meanwhile.
+with no job, then while a long PEQA job trains another tenant (Python docs windows of 128 tokens, batch 2). Reported: completion tokens/s in both phases, their ratio, and the job's median step time
+(compute only; the share's pause comes on top) and how many steps finished in the window.
 """
 from __future__ import annotations
 
@@ -82,14 +83,14 @@ def _load(url: str, model: str, clients: int, seconds: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one share (0.5), 15 s windows")
+    ap.add_argument("--quick", action="store_true", help="one share (0.5), 30 s windows")
     ap.add_argument("--shares", default=None, help="comma list of CPU shares (default 0.5,1.0; quick 0.5)")
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--seconds", type=float, default=None, help="window per phase (default 30; quick 15)")
+    ap.add_argument("--seconds", type=float, default=None, help="window per phase (default 60; quick 30)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     shares = [float(s) for s in (args.shares or ("0.5" if args.quick else "0.5,1.0")).split(",")]
-    seconds = args.seconds or (15.0 if args.quick else 30.0)
+    seconds = args.seconds or (30.0 if args.quick else 60.0)
 
     from scaleswap.runtime.quantize import ensure_default_base
     from scaleswap.runtime.tokenizer import Tokenizer
@@ -118,20 +119,23 @@ def main() -> None:
                 job_id = r.json()["id"]
                 while c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["metrics"].get("step", 0) < 1:
                     time.sleep(0.5)
-                step0 = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["metrics"]["step"]
-                t0 = time.monotonic()
+                t_start = time.time()
                 busy = _load(url, "served", args.clients, seconds)
-                steps = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["metrics"]["step"] - step0
-                train_rate = steps / (time.monotonic() - t0)
+                t_end = time.time()
                 c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+                events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 10000}).json()["data"]
+                step_s = sorted(e["data"]["step_seconds"] for e in events if e["type"] == "metrics")
+                in_window = sum(1 for e in events if e["type"] == "metrics" and t_start <= e["created_at"] <= t_end + 1)
         finally:
             proc.terminate()
             proc.wait(60)
+        med = step_s[len(step_s) // 2]
         rec = {"cpu_share": share, "idle_tok_s": idle, "with_job_tok_s": busy, "ratio": busy / idle,
-               "train_steps_per_s": train_rate}
+               "train_step_s_median": med, "train_steps_in_window": in_window}
         records.append(rec)
         print(f"share {share:.2f}: serving {idle:.1f} tok/s idle -> {busy:.1f} tok/s with a job "
-              f"({100 * rec['ratio']:.0f}%), training {train_rate:.3f} steps/s meanwhile", flush=True)
+              f"({100 * rec['ratio']:.0f}%); training step {med:.1f} s (median of {len(step_s)}), "
+              f"{in_window} step(s) finished in the window", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": machine(), "clients": args.clients, "seconds": seconds,
