@@ -218,9 +218,15 @@ def plot(records: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in records:
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["label"], lw=1.4)
+        xs = range(1, len(r["losses"]) + 1)
+        line, = ax.plot(xs, r["losses"], lw=0.7, alpha=0.35)
+        beta, ema, smooth = 1 - 1 / max(2, len(r["losses"]) // 10), 0.0, []
+        for i, loss in enumerate(r["losses"], start=1):  # bias-corrected EMA (the same batches for every run)
+            ema = beta * ema + (1 - beta) * loss
+            smooth.append(ema / (1 - beta**i))
+        ax.plot(xs, smooth, lw=1.8, color=line.get_color(), label=r["label"])
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token)")
+    ax.set_ylabel("training loss (nats/token; thin: per step, thick: EMA)")
     ax.set_title("PEQA (scales only) vs LoRA r8: training loss, SmolLM2-135M on Python docs")
     ax.grid(alpha=0.3)
     ax.legend()
