@@ -197,7 +197,8 @@ def plot(records: list[dict], path: Path) -> None:
         for label, pts in sorted(series.items()):
             pts = sorted(set(pts))
             style = "--" if "T=M" in label else (":" if "roofline" in label else "-")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label)
+            extra = {"color": "k", "lw": 2.5} if label in ("torch-fp32-dense", "cublas-fp16") else {}
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=label, **extra)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{K}→{N}")
