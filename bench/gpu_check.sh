@@ -41,7 +41,7 @@ echo "== kernel benchmark (Triton vs cuBLAS fp16 vs roofline)"
 # default: 4-bit, per channel and g128, every shape and M (autotuning every (shape, M) bucket takes most
 # of the time); BENCH_ARGS="" runs the full default set of bench/kernels.py
 "$PY" bench/kernels.py --device cuda --json "$OUT/kernels_gpu.json" --png "$OUT/kernels_gpu.png" \
-    ${BENCH_ARGS---bits 4 --group-sizes -1,128} 2>&1 | tee "$OUT/bench.log" || status=1
+    ${BENCH_ARGS---bits 4 --group-sizes=-1,128} 2>&1 | tee "$OUT/bench.log" || status=1
 
 echo "== done (status $status); logs, JSON and PNG in $OUT/"
 exit $status

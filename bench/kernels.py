@@ -1,7 +1,7 @@
 """Benchmark of the multi-tenant low-bit linear (issue 3): time per call, side by side with dense float.
 
     python bench/kernels.py [--quick] [--json FILE] [--png FILE] [--shapes model,llama7b] [--bits 3,4]
-                            [--group-sizes -1,64,128] [--ms 1,8,32,128,512]
+                            [--group-sizes=-1,64,128] [--ms 1,8,32,128,512] [--threads N]
 
 For every layer shape (default model SmolLM2-135M: 576→576, 576→192, 576→1536, 1536→576; Llama-7B:
 4096→4096, 4096→11008, 11008→4096), M ∈ {1, 8, 32, 128, 512} rows and tenants per batch ∈ {1, 8, M}
