@@ -18,6 +18,11 @@ and ``bench/kernels.py``):
       one call per distinct tenant with that tenant's ``(s, z')`` in bf16 ("int4pack-per-tenant",
       rows grouped by tenant, chosen while the rows per tenant stay in the op's fast range and
       T <= 16). Each call re-reads the (cached) weight: a batch of T tenants costs ~T calls.
+* **native path** (group-wise, mixed batches with many tenants per row: T > 2 + M/4, or above the
+  int4pack range; needs a C compiler, bits <= 4, 32 | K, 32 | g, g | K): :mod:`.native`'s C kernel
+  reads the weights once for the whole mixed batch and applies each row's tenant scales per group
+  (fp32 FMA). Its cost does not depend on T, but it is ~2× slower than int4pack for one tenant,
+  hence the rule (measured: int4pack-per-tenant ≈ T·a + M·b, native ≈ 2a + M·(b + 0.27a)).
 * **dense path** (M above the threshold, 8-bit weights, or group sizes that are not multiples
   of 32): a lazily built float32 cache of the centered integers ``C = Q − Z`` and MKL sgemm:
   per channel ``Y = (X Cᵀ) ⊙ S[slot]`` (one GEMM for every tenant); group-wise either per
@@ -30,7 +35,8 @@ Memory per weight element (N·K): packed Q on disk 0.25–0.5 B; int4pack copy 0
 for bits <= 4); the float32 dense cache 4 B, built only the first time a call needs it (a prefill
 of more than :func:`int4_max_rows` rows, 8-bit weights, or a backward pass). For SmolLM2-135M
 (106 M quantized weights) that is 53 MB + 425 MB. Group-wise int4 additionally keeps a bf16
-``(scale, zero)`` copy per slot in use, the size of that slot's scales, and group-wise dense calls
+``(scale, zero)`` copy per slot in use, the size of that slot's scales; the native kernel's
+nibble copy, 0.5 B, is built for group-wise layers it serves (``prepare`` or first use); group-wise dense calls
 share one float32 scratch buffer per thread of the largest layer's N·K (4 B each; 7 MB for the
 135M model's MLP).
 
@@ -49,6 +55,8 @@ import threading
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 _INT4_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 
@@ -100,6 +108,8 @@ class CpuWeightCache:
         self.bank_cache_key: tuple | None = None
         self.slot_sz: dict[int, torch.Tensor] = {}  # slot -> (K4/qgs, N4, 2) bf16
         self._bank_rows: tuple | None = None  # (bank, (S, N) view, (N,) view)
+        self._native_ok: bool | None = None
+        self._native_qb: torch.Tensor | None = None  # (N, K/2) uint8, native block-32 nibbles
         self._build_int4()
 
     # -- int4pack ---------------------------------------------------------------------------
@@ -152,6 +162,22 @@ class CpuWeightCache:
                 self.slot_sz[slot] = sz
         return sz
 
+    def native_ok(self) -> bool:
+        """Whether the native kernel (:mod:`.native`) serves this layer: built, bits <= 4, 32 | K, 32 | g, g | K."""
+        if self._native_ok is None:
+            w = self.weight
+            gs = self.K if w.group_size == -1 else w.group_size
+            self._native_ok = (native.supports(w.bits, self.K, w.group_size) and self.K % gs == 0
+                               and native.available())
+        return self._native_ok
+
+    @property
+    def native_qb(self) -> torch.Tensor:
+        """Q in the native kernel's block-32 nibble layout (N, K/2) uint8 (built on first use)."""
+        if self._native_qb is None:
+            self._native_qb = native.block32_nibbles(self.weight.unpacked())
+        return self._native_qb
+
     def bank_rows(self, scale_bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel: the bank as (S, N) and its slot 0 as (N,), views cached per bank tensor."""
         if self._bank_rows is None or self._bank_rows[0] is not scale_bank:
@@ -187,6 +213,7 @@ class CpuWeightCache:
         out = {"int4pack": 0 if self.int4 is None else self.int4.numel()}
         out["dense_fp32"] = 0 if self._dense3 is None else self._dense3.numel() * 4
         out["slot_scales_bf16"] = sum(t.numel() * 2 for t in self.slot_sz.values())
+        out["native_nibbles"] = 0 if self._native_qb is None else self._native_qb.numel()
         return out
 
 
@@ -240,7 +267,7 @@ def _grouped_partial(x32: torch.Tensor, cache: CpuWeightCache, scale_rows_of: ca
     return y
 
 
-PLANS = ("int4pack", "int4pack-per-tenant", "dense-fp32", "dense-fp32-per-tenant", "dense-fp32-grouped")
+PLANS = ("int4pack", "int4pack-per-tenant", "native", "dense-fp32", "dense-fp32-per-tenant", "dense-fp32-grouped")
 force_plan: str | None = None  # benchmarks set this to time a branch the heuristic would not pick
 
 
@@ -256,16 +283,23 @@ def plan(weight, M: int, num_tenants: int) -> str:
             forced = "int4pack-per-tenant"
         if forced.startswith("int4pack") and cache.int4 is None:
             raise ValueError("this weight has no int4pack form (bits > 4 or group size not a multiple of 32)")
+        if forced == "native" and not (group_wise and cache.native_ok()):
+            raise ValueError("the native kernel does not serve this weight (see CpuWeightCache.native_ok)")
         return forced
     int4_rows = int4_max_rows(group_wise) if cache.int4 is not None else -1
     if not group_wise:
         return "int4pack" if M <= int4_rows else "dense-fp32"
     if num_tenants == 1:
         return "int4pack" if M <= int4_rows else "dense-fp32-per-tenant"
+    native_ok = cache.native_ok()
+    if native_ok and num_tenants > 2 + M // 4:
+        return "native"  # one pass over the weights for every tenant; fp32 FMA, no bf16 rounding
     if -(-M // num_tenants) <= int4_rows and num_tenants <= _INT4_MAX_TENANTS:
         return "int4pack-per-tenant"  # one int4pack call per tenant, each in the op's fast range
     if num_tenants * cache.K <= 2 * M * cache.G:
         return "dense-fp32-per-tenant"  # dequantize each tenant's weight: T·N·K extra work
+    if native_ok:
+        return "native"
     return "dense-fp32-grouped"  # one batched GEMM of per-group partial products: M·N·G extra
 
 
@@ -311,6 +345,14 @@ def cpu_forward(
                 for slot, rows in groups:
                     y.index_copy_(0, rows, cache.int4_mm(xb.index_select(0, rows), cache.sz_for_slot(scale_bank, slot)))
             y = y.to(torch.float32)
+        elif path == "native":
+            slots = slot_ids if slot_ids.dtype == torch.int32 else slot_ids.to(torch.int32)
+            bank = scale_bank.detach()
+            if bank.dtype != torch.float32 or not bank.is_contiguous():
+                bank = bank.to(torch.float32).contiguous()
+            y = native.mt_q4_gemm(x.to(torch.float32).contiguous(), cache.native_qb, weight.zeros, bank,
+                                  slots.contiguous(), weight.bias)  # bias added inside
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         elif path == "dense-fp32-per-tenant":
             x32 = x.to(torch.float32)
             y = None if len(groups) == 1 else torch.empty((M, cache.N), dtype=torch.float32)

@@ -125,6 +125,8 @@ class PackedLinearWeight:
             cache = self.cpu_cache()
             if training or cache.int4 is None:
                 cache.dense3
+            if self.group_size != -1 and cache.native_ok():  # mixed group-wise batches (compiles once)
+                cache.native_qb
         elif training:
             self.dense_centered(device)
         return self

@@ -65,8 +65,37 @@ def test_many_tenants_grouped_partial_products(no_int4, monkeypatch, chunk_eleme
     w, bank = make_layer(40, 64, 4, 32, num_slots=64)
     x = torch.randn(64, 64)
     slots = torch.randperm(64).to(torch.int32)
+    assert cpu_path.plan(w, 64, 64) in ("native", "dense-fp32-grouped")
+    monkeypatch.setattr(cpu_path, "force_plan", "dense-fp32-grouped")
     assert cpu_path.plan(w, 64, 64) == "dense-fp32-grouped"
     assert rel_err(multi_tenant_linear(x, w, bank, slots, backend="cpu"), _ref(x, w, bank, slots)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("M", [1, 5, 70])
+def test_native_branch(monkeypatch, bits, group_size, M):
+    from scaleswap.kernels import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the native kernel is not built")
+    w, bank = make_layer(37, 192, bits, group_size, bias=True)
+    x = torch.randn(M, 192)
+    slots = make_slots(M, bank.shape[0], True)
+    monkeypatch.setattr(cpu_path, "force_plan", "native")
+    y = multi_tenant_linear(x, w, bank, slots.long(), backend="cpu")  # int64 slot ids are converted
+    assert rel_err(y, _ref(x, w, bank, slots)) < 1e-5
+
+
+def test_plan_prefers_native_for_many_tenants():
+    from scaleswap.kernels import native
+
+    w, _ = make_layer(64, 256, 4, 64)
+    expect_native = native.available()
+    assert (cpu_path.plan(w, 8, 8) == "native") == expect_native
+    assert cpu_path.plan(w, 8, 1) == "int4pack"
+    w128, _ = make_layer(64, 192, 4, 128)  # 128 does not divide K: never native
+    assert cpu_path.plan(w128, 8, 8) != "native"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
