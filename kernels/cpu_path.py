@@ -80,17 +80,15 @@ def cpu_has_bf16_dot() -> bool:
 def int4_max_rows(group_wise: bool = False) -> int:
     """Largest M that takes the int4pack path; above it the float32 dense path is faster.
 
-    Measured with model-like timing (bench/kernels.py): without bf16 instructions (AVX2) int4pack
-    beats sgemm up to M≈16–24 and loses from M=32 (group-wise the dense path must first dequantize
-    the tenant's weight, which moves the crossover up); with AVX512-BF16 it wins up to M≈64.
+    Measured with model-like timing (bench/kernels.py): without bf16 instructions (AVX2, emulated
+    with ATEN_CPU_CAPABILITY=avx2) int4pack beats sgemm up to M≈16 and loses from M=32, per channel
+    and group-wise alike; with AVX512-BF16 it wins up to M≈64.
     Override with the environment variable ``SCALESWAP_CPU_INT4_MAX_ROWS`` (0 disables it).
     """
     env = os.environ.get("SCALESWAP_CPU_INT4_MAX_ROWS")
     if env is not None:
         return int(env)
-    if cpu_has_bf16_dot():
-        return 64
-    return 32 if group_wise else 16
+    return 64 if cpu_has_bf16_dot() else 16
 
 
 class CpuWeightCache:
