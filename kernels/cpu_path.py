@@ -301,7 +301,7 @@ def plan(weight, M: int, num_tenants: int) -> str:
     return "dense-fp32-grouped"  # one batched GEMM of per-group partial products: M·N·G extra
 
 
-_INT4_MAX_TENANTS = 16  # above it the batched per-group GEMM is as fast or faster (bench, T = M = 32, 64)
+_INT4_MAX_TENANTS = 16  # above it one pass for all tenants (native kernel or batched per-group GEMM) wins
 _scratch = threading.local()
 
 
