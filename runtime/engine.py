@@ -36,7 +36,7 @@ from .forward_context import ForwardContext, forward_context
 from .kv_cache import BlockManager, KVCache, num_blocks_for
 from .sampler import Sampler, find_stop, partial_stop_len
 from .scale_bank import ScaleBank, ScaleLoader
-from .scheduler import Scheduler, SchedulerOutput
+from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
 
 log = logging.getLogger(__name__)
