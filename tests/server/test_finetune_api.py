@@ -296,6 +296,33 @@ def test_cancel_running_and_queued_jobs(server, admin, keys, state, base_id):
     assert _outputs(admin, base_id) == state["after_ok"]
 
 
+def test_cli_output_uploads_as_a_scale_set(server, admin, keys, state, base_id, tmp_path):
+    """`scaleswap finetune` (offline) writes a scale set that PUT /v1/tenants/{id}/scales accepts."""
+    import subprocess
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TRAINING))
+    out = tmp_path / "bob.safetensors"
+    base_cmd = [sys.executable, "-m", "scaleswap.server.cli", "finetune", "--model", str(server.model_dir), "--data",
+                str(data), "--batch-size", "2", "--threads", "1"]
+    cmd = base_cmd + ["--out", str(out), "--steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step 1/2  loss" in proc.stderr and "step 2/2  loss" in proc.stderr and out.is_file()
+    with _client(server, keys["bob"]) as bob:
+        r = bob.put("/v1/tenants/bob/scales", content=out.read_bytes(), headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 201, r.text
+        assert _complete(admin, "bob") != state["before"]["bob"]
+        assert bob.post("/v1/tenants/bob/scales/rollback", json={"version": 0}).status_code == 200
+    assert _complete(admin, "bob") == state["before"]["bob"]
+    # a bad line is a one-line error with its number, exit 2, nothing written
+    data.write_text('{"text": "ok then"}\n{"prompt": 1}\n')
+    bad = subprocess.run(base_cmd + ["--out", str(tmp_path / "x.safetensors"), "--steps", "1"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "line 2" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_killed_server_restarts_with_old_version_and_failed_job(server, admin, keys, state, base_id):
     r = admin.post("/v1/fine_tuning/jobs", json={"model": "alice", "training_data": TRAINING,
                                                  "hyperparameters": {"max_steps": 500, "batch_size": 1}})
