@@ -89,3 +89,18 @@ def test_perplexity_with_scales_from_another_base_is_refused(tmp_path, quantized
     text.write_text("hello world " * 10)
     r = run_cli("perplexity", "--model", quantized_base_dir, "--scales", tmp_path / "s.safetensors", "--text", text)
     assert_user_error(r, "base")
+
+
+def test_generate_chat_answers_coherently(quantized_base_dir):
+    """The default model quantized to 4-bit g64 answers a simple chat question correctly (greedy)."""
+    r = run_cli("generate", "--model", quantized_base_dir, "--chat", "--max-tokens", "24",
+                "What is the capital of France?")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout, r.stdout
+
+
+def test_generate_refuses_a_corrupt_scale_file(tmp_path, quantized_base_dir):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    r = run_cli("generate", "--model", quantized_base_dir, "--scales", bad, "hello")
+    assert_user_error(r, "safetensors")
