@@ -77,9 +77,9 @@ def available() -> bool:
 
 
 def supports(bits: int, in_features: int, group_size: int) -> bool:
-    """Whether the kernel handles this layer shape (bits <= 4, K and the group size multiples of 32)."""
+    """Whether the kernel handles this layer shape (bits <= 4, K and the group size multiples of 32, whole groups)."""
     gs = in_features if group_size == -1 else group_size
-    return bits <= 4 and in_features % 32 == 0 and gs % 32 == 0
+    return bits <= 4 and in_features % 32 == 0 and gs % 32 == 0 and in_features % gs == 0
 
 
 def block32_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -219,8 +219,13 @@ class EngineConfig:
     seed: int = 0  # engine generator for unseeded sampling
     device: str = "cpu"
     num_threads: int | None = None  # torch intra-op threads for the step loop; None: leave as is
+    # LM head for decode batches of <= 16 rows: "int8" (per-row int8 copy, ~1 % logit error, 4x fewer bytes),
+    # "bfloat16" or "float32" (exact). Prefill and training always use the float32 head.
+    lm_head: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.lm_head not in ("float32", "bfloat16", "int8"):
+            raise ValueError(f"lm_head must be one of float32, bfloat16, int8; got {self.lm_head!r}")
         if self.block_size not in (8, 16, 32, 64):
             raise ValueError(f"block_size must be one of (8, 16, 32, 64), got {self.block_size}")
         for name in ("kv_cache_memory_bytes", "max_num_seqs", "max_num_batched_tokens", "scale_bank_memory_bytes"):

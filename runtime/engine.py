@@ -34,6 +34,7 @@ from .attention import PagedAttention
 from .config import EngineConfig, SamplingParams
 from .forward_context import ForwardContext, forward_context
 from .kv_cache import BlockManager, KVCache, num_blocks_for
+from .model import set_lm_head_precision
 from .sampler import Sampler, find_stop, partial_stop_len
 from .scale_bank import ScaleBank, ScaleLoader
 from .scheduler import Scheduler
@@ -131,6 +132,8 @@ class Engine:
         modules = quantized.quant_linears()
         bytes_per_set = sum(4 * m.bank.shape[1] * m.bank.shape[2] for m in modules.values())
         max_resident = config.max_resident_tenants or max(1, config.scale_bank_memory_bytes // bytes_per_set)
+        if config.lm_head != "float32" and self.device.type == "cpu":
+            set_lm_head_precision(self.model, config.lm_head)
         for m in modules.values():  # build the kernels' weight caches now, not in the first requests
             m.weight.prepare(self.device)
         self.scale_bank = ScaleBank(modules, max_resident, scale_loader, wake=self._wake)

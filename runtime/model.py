@@ -209,3 +209,54 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V) float32 (or (1, len(logits_indices), V) in the engine)."""
         return self.lm_head(self.hidden_states(input_ids, positions)).float()
+
+
+LM_HEAD_PRECISIONS = ("float32", "bfloat16", "int8")
+
+
+class DecodeLMHead(nn.Module):
+    """The LM head with a low-precision copy for small decode batches (inference only).
+
+    Used only inside the engine's steps (a ForwardContext with ``attn``). At decode the tied 49152×576 fp32 head of SmolLM2 reads 113 MB per step, the largest single cost of a
+    batch-1 step on a CPU. For at most ``max_rows`` rows and with autograd off, this head uses a copy:
+    ``int8``: per-row symmetric int8 weights through ``aten._weight_int8pack_mm`` with bf16 activations
+    (0.25× the bytes; logits within ~1 % relative of fp32, like llama.cpp's Q8_0 output tensor);
+    ``bfloat16``: bf16 weights (0.5× the bytes). Larger batches (prefill, perplexity) and training use the
+    fp32 weight, which stays the source of truth (it is also the tied embedding).
+    """
+
+    def __init__(self, weight: nn.Parameter, precision: str, max_rows: int = 16):
+        super().__init__()
+        if precision not in LM_HEAD_PRECISIONS:
+            raise ValueError(f"LM head precision must be one of {', '.join(LM_HEAD_PRECISIONS)}, got {precision!r}")
+        self.weight = weight  # (V, C) fp32, shared with the embedding when tied
+        self.precision = precision
+        self.max_rows = max_rows
+        w = weight.detach().float()
+        if precision == "int8":
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (V,)
+            self.w_low = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scales = scale.to(torch.bfloat16)
+        elif precision == "bfloat16":
+            self.w_low = w.to(torch.bfloat16).contiguous()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        C = h.shape[-1]
+        rows = h.numel() // C
+        ctx = get_forward_context()
+        in_engine = ctx is not None and ctx.attn is not None  # only the serving engine's decode steps
+        if (self.precision == "float32" or not in_engine or rows > self.max_rows or torch.is_grad_enabled()
+                or h.device.type != "cpu"):
+            return F.linear(h, self.weight)
+        x = h.reshape(rows, C).to(torch.bfloat16)
+        if self.precision == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x, self.w_low, self.scales)
+        else:
+            y = F.linear(x, self.w_low)
+        return y.float().view(*h.shape[:-1], -1)
+
+
+def set_lm_head_precision(model: LlamaForCausalLM, precision: str, max_rows: int = 16) -> None:
+    """Give ``model`` a :class:`DecodeLMHead` of ``precision`` (``float32`` restores the plain head)."""
+    weight = model.lm_head.weight
+    model.lm_head = DecodeLMHead(weight, precision, max_rows)

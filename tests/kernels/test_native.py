@@ -54,3 +54,4 @@ def test_every_row_uses_only_its_own_slot():
 def test_supports():
     assert native.supports(4, 576, 64) and native.supports(3, 1536, -1)
     assert not native.supports(8, 576, 64) and not native.supports(4, 100, -1) and not native.supports(4, 576, 48)
+    assert not native.supports(4, 96, 64)  # a partial last group
