@@ -103,8 +103,9 @@ class CpuWeightCache:
         self._centered: torch.Tensor | None = None  # (N, K) float32
         self._dense3: torch.Tensor | None = None  # (N, G, group_len) float32, zero padded
         self.int4: torch.Tensor | None = None  # packed for _weight_int4pack_mm_for_cpu
-        self.bank_cache_key: tuple | None = None
-        self.slot_sz: dict[int, torch.Tensor] = {}  # slot -> (K4/qgs, N4, 2) bf16
+        # (id, version, data_ptr) of a bank -> (bank, {slot: (K4/qgs, N4, 2) bf16}); LRU, see sz_for_slot
+        self._sz_by_bank: dict[tuple, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
+        self._sz_lock = threading.Lock()
         self._bank_rows: tuple | None = None  # (bank, (S, N) view, (N,) view)
         self._native_ok: bool | None = None
         self._native_qb: torch.Tensor | None = None  # (N, K/2) uint8, native block-32 nibbles
@@ -145,19 +146,33 @@ class CpuWeightCache:
         self.unit_sz = torch.stack([torch.ones_like(shift), shift], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
     def sz_for_slot(self, scale_bank: torch.Tensor, slot: int) -> torch.Tensor:
-        """The op's ``(scale, zero)`` tensor (K4/qgs, N4, 2) bf16 for one slot of the bank (cached)."""
+        """The op's ``(scale, zero)`` tensor (K4/qgs, N4, 2) bf16 for one slot of the bank (cached).
+
+        Thread-safe: the serving thread and a fine-tuning thread call it with different banks at once, so
+        entries are keyed by bank (identity, version, storage) and slot, kept for a few banks (LRU), and
+        touched under a lock. Inference tensors have no version counter and are never cached.
+        """
         key = None if scale_bank.is_inference() else (id(scale_bank), scale_bank._version, scale_bank.data_ptr())
-        if key is None or key != self.bank_cache_key:
-            self.slot_sz = {}
-            self.bank_cache_key = key
-            self._bank_ref = scale_bank  # keep it alive so id() stays unique while cached
-        sz = self.slot_sz.get(slot)
-        if sz is None:
-            s = torch.zeros((self.N4, self.zero_shift.shape[1]), dtype=torch.float32)
-            s[: self.N] = scale_bank[slot].detach().to(torch.float32)[:, self.qgroup_to_group]
-            sz = torch.stack([s, s * self.zero_shift], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
-            if key is not None:
-                self.slot_sz[slot] = sz
+        if key is not None:
+            with self._sz_lock:
+                entry = self._sz_by_bank.pop(key, None)
+                if entry is not None:
+                    self._sz_by_bank[key] = entry  # most recently used last
+                    sz = entry[1].get(slot)
+                    if sz is not None:
+                        return sz
+        s = torch.zeros((self.N4, self.zero_shift.shape[1]), dtype=torch.float32)
+        s[: self.N] = scale_bank[slot].detach().to(torch.float32)[:, self.qgroup_to_group]
+        sz = torch.stack([s, s * self.zero_shift], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        if key is not None:
+            with self._sz_lock:
+                entry = self._sz_by_bank.get(key)
+                if entry is None:
+                    while len(self._sz_by_bank) >= _SZ_CACHED_BANKS:
+                        self._sz_by_bank.pop(next(iter(self._sz_by_bank)))
+                    # keep the bank alive so its id() stays unique while cached
+                    entry = self._sz_by_bank[key] = (scale_bank, {})
+                entry[1][slot] = sz
         return sz
 
     def native_ok(self) -> bool:
@@ -178,10 +193,11 @@ class CpuWeightCache:
 
     def bank_rows(self, scale_bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel: the bank as (S, N) and its slot 0 as (N,), views cached per bank tensor."""
-        if self._bank_rows is None or self._bank_rows[0] is not scale_bank:
+        rows = self._bank_rows  # one read: another thread may replace it meanwhile
+        if rows is None or rows[0] is not scale_bank:
             bank2d = scale_bank.detach()[:, :, 0]
-            self._bank_rows = (scale_bank, bank2d, bank2d[0])
-        return self._bank_rows[1], self._bank_rows[2]
+            rows = self._bank_rows = (scale_bank, bank2d, bank2d[0])
+        return rows[1], rows[2]
 
     def int4_mm(self, xb: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
         """(M, K) bf16 -> (M, N) bf16 through the int4pack op (pads K, drops padded columns)."""
@@ -210,7 +226,8 @@ class CpuWeightCache:
         """Bytes held by each cache (for docs and benchmarks)."""
         out = {"int4pack": 0 if self.int4 is None else self.int4.numel()}
         out["dense_fp32"] = 0 if self._dense3 is None else self._dense3.numel() * 4
-        out["slot_scales_bf16"] = sum(t.numel() * 2 for t in self.slot_sz.values())
+        with self._sz_lock:
+            out["slot_scales_bf16"] = sum(t.numel() * 2 for _, d in self._sz_by_bank.values() for t in d.values())
         out["native_nibbles"] = 0 if self._native_qb is None else self._native_qb.numel()
         return out
 
@@ -302,6 +319,7 @@ def plan(weight, M: int, num_tenants: int) -> str:
 
 
 _NATIVE_MAX_ROWS = 64  # above it the batched per-group sgemm beats the native kernel (2.0–2.4× vs 2.5–4.7× dense)
+_SZ_CACHED_BANKS = 4  # banks whose per-slot (scale, zero) tensors stay cached per layer
 _INT4_MAX_TENANTS = 16  # above it one pass for all tenants (native kernel or batched per-group GEMM) wins
 _scratch = threading.local()
 
@@ -309,7 +327,8 @@ _scratch = threading.local()
 def _scratch_buffer(numel: int) -> torch.Tensor:
     """A float32 buffer reused across calls of this thread (a fresh multi-MB tensor per call costs page faults)."""
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
+    # an inference-mode tensor cannot be used outside inference mode (e.g. perplexity, then training)
+    if buf is None or buf.numel() < numel or buf.is_inference() != torch.is_inference_mode_enabled():
         buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
     return buf[:numel]
 

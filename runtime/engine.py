@@ -134,8 +134,10 @@ class Engine:
         max_resident = config.max_resident_tenants or max(1, config.scale_bank_memory_bytes // bytes_per_set)
         if config.lm_head != "float32" and self.device.type == "cpu":
             set_lm_head_precision(self.model, config.lm_head)
-        for m in modules.values():  # build the kernels' weight caches now, not in the first requests
-            m.weight.prepare(self.device)
+        # Build every kernel cache now (incl. the fp32 one prefill uses), not in the first requests:
+        # no first-request latency spike, and the server's memory is what it is at start.
+        for m in modules.values():
+            m.weight.prepare(self.device, training=True)
         self.scale_bank = ScaleBank(modules, max_resident, scale_loader, wake=self._wake)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    is_ready=self._is_ready)

@@ -178,3 +178,39 @@ def test_gradient_only_for_scales():
     y = multi_tenant_linear(torch.randn(3, 64), w, bg, torch.tensor([1, 1, 2], dtype=torch.int32))
     y.sum().backward()
     assert bg.grad.shape == bank.shape and torch.all(bg.grad[0] == 0) and bg.grad[1].abs().sum() > 0
+
+
+def test_two_threads_with_their_own_banks_never_mix_scales():
+    """Serving and fine-tuning call the same layer from two threads with different banks at once (this was a
+    real race in the per-bank (scale, zero) cache); every result must match its own bank's reference."""
+    import threading
+
+    from scaleswap.kernels.ops import PackedLinearWeight, multi_tenant_linear
+    from scaleswap.kernels.packing import pack_bits
+    from scaleswap.kernels.reference import multi_tenant_linear_ref
+
+    torch.manual_seed(0)
+    N, K, gs = 64, 128, 64
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    z = torch.randint(0, 16, (N, K // gs), dtype=torch.uint8)
+    w = PackedLinearWeight(pack_bits(q, 4), z, 4, K, N, gs)
+    x = torch.randn(2, K)
+    banks = [torch.rand(3, N, K // gs) + 0.5 for _ in range(2)]
+    refs = [multi_tenant_linear_ref(x, w.qweight, z, b, torch.tensor([1, 2]), 4, K, gs) for b in banks]
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        slots = torch.tensor([1, 2], dtype=torch.int32)
+        for _ in range(200):
+            y = multi_tenant_linear(x, w, banks[i], slots, backend="cpu")
+            # bf16 activations: ~3 significant digits; another bank's scales would be off by ~50 %
+            if (y - refs[i]).abs().max() > 1e-2 * refs[i].abs().max():
+                errors.append(f"thread {i}: max diff {(y - refs[i]).abs().max().item():.3g}")
+                return
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -4,7 +4,7 @@ Shows: a short job lowers the tenant's training loss, becomes its new scale vers
 tenant's outputs; a diverging job (absurd learning rate) fails and the tenant keeps its version and outputs;
 cancel works for a running and a queued job; a tenant key cannot fine-tune another tenant nor see its jobs;
 bad data is refused with the line number; the CLI's output uploads; serving during a job sees no trained scales
-(xfail: a kernel cache race, see the mark); a server killed (SIGKILL) during a job comes back with the old
+(this caught a race in the CPU path's per-bank caches); a server killed (SIGKILL) during a job comes back with the old
 version and the job marked failed.
 
 The base is the default model cut to 2 decoder layers (tests/runtime/tiny_base.py) so training steps are
@@ -275,10 +275,6 @@ def test_diverging_job_fails_and_keeps_version(server, admin, keys, state, base_
     assert _outputs(admin, base_id) == state["after_ok"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "kernels/cpu_path.py CpuWeightCache.sz_for_slot/bank_rows keep per-weight mutable caches keyed by the last "
-    "bank seen, shared by the serving and training threads without a lock; seen once in ~5 runs: base/bob greedy "
-    "outputs differed while a job trained alice. Remove this mark when the cache is thread-safe."))
 def test_serving_during_a_job_sees_no_trained_scales(server, admin, keys, state, base_id):
     """Serving keeps answering while a job trains, and no other tenant sees the scales being trained."""
     job = admin.post("/v1/fine_tuning/jobs", json={"model": "alice", "training_data": TRAINING,
