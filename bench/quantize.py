@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from _machine import machine, machine_line  # noqa: E402
 from corpus import corpus, describe  # noqa: E402
 

@@ -39,7 +39,7 @@ from scaleswap.kernels.packing import pack_bits
 from .config import ModelConfig, QuantConfig
 from .model import LlamaForCausalLM
 from .quant_linear import QuantLinear
-from .scale_set import BaseInfo, atomic_write_bytes, scale_set_bytes
+from .scale_set import BaseInfo, scale_set_bytes
 
 BASE_FORMAT = "scaleswap-base"
 BASE_FORMAT_VERSION = 1
@@ -298,6 +298,18 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def cached_base(subdir: str, name: str, build) -> Path:
+    """``$SCALESWAP_CACHE/<subdir>/<name>``, built once by ``build(out_dir)`` under a file lock (parallel
+    processes build it once; ``quantize_checkpoint`` renames a finished directory into place)."""
+    out = cache_dir() / subdir / name
+    if is_quantized_base(out):
+        return out
+    with _file_lock(cache_dir() / subdir / ".lock"):
+        if not is_quantized_base(out):
+            build(out)
+    return out
+
+
 def ensure_default_base(bits: int = 4, group_size: int = 64, show_progress: bool = True) -> Path:
     """The default model quantized to (bits, group_size), quantized on first use and cached."""
     from .checkpoint import load_checkpoint
@@ -305,14 +317,10 @@ def ensure_default_base(bits: int = 4, group_size: int = 64, show_progress: bool
 
     quant = QuantConfig(bits=bits, group_size=group_size)
     gs = "pc" if group_size == -1 else f"g{group_size}"
-    out = cache_dir() / "bases" / f"SmolLM2-135M-Instruct-{bits}bit-{gs}"
-    if is_quantized_base(out):
-        return out
-    with _file_lock(cache_dir() / "bases" / ".lock"):
-        if is_quantized_base(out):
-            return out
+
+    def build(out: Path) -> None:
         src = default_model_path()
         print(f"scaleswap: quantizing the default model to {bits}-bit {gs} (first use; cached in {out})", file=sys.stderr)
-        ckpt = load_checkpoint(src)
-        quantize_checkpoint(ckpt, quant, out, source=str(src), show_progress=show_progress)
-    return out
+        quantize_checkpoint(load_checkpoint(src), quant, out, source=str(src), show_progress=show_progress)
+
+    return cached_base("bases", f"SmolLM2-135M-Instruct-{bits}bit-{gs}", build)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -47,7 +46,7 @@ def resolve_model_dir(model: str | None, bits: int, group_size: int) -> Path:
     directory or GGUF file): quantized to (bits, group_size) on first use into the cache, keyed by its path,
     size and mtime, under a file lock (two servers starting together quantize once).
     """
-    from scaleswap.runtime.quantize import cache_dir, ensure_default_base, is_quantized_base
+    from scaleswap.runtime.quantize import cached_base, ensure_default_base, is_quantized_base
 
     if model is None:
         return ensure_default_base(bits, group_size, show_progress=False)
@@ -64,16 +63,12 @@ def resolve_model_dir(model: str | None, bits: int, group_size: int) -> Path:
     st = src.stat()
     key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     gs = "pc" if group_size == -1 else f"g{group_size}"
-    out = cache_dir() / "bases" / f"{src.stem}-{key}-{bits}bit-{gs}"
-    if is_quantized_base(out):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_quantized_base(out):
-            print(f"scaleswap: quantizing {src} to {bits}-bit {gs} (first use; cached in {out})", file=sys.stderr)
-            quantize_checkpoint(load_checkpoint(src), quant, out, source=str(src), show_progress=False)
-    return out
+
+    def build(out: Path) -> None:
+        print(f"scaleswap: quantizing {src} to {bits}-bit {gs} (first use; cached in {out})", file=sys.stderr)
+        quantize_checkpoint(load_checkpoint(src), quant, out, source=str(src), show_progress=False)
+
+    return cached_base("bases", f"{src.stem}-{key}-{bits}bit-{gs}", build)
 
 
 def _engine_config(settings: ServerSettings):

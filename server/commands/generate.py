@@ -33,15 +33,13 @@ def run(args: argparse.Namespace) -> int:
     from ._common import resolve_quantized_base
 
     qm = load_quantized(resolve_quantized_base(args.model))
-    tenant, loader = None, None
+    tenant, scales = None, None
     if args.scales:
         from scaleswap.runtime.scale_set import load_scale_set
 
         scales = load_scale_set(args.scales, qm.base_info).scales  # validated before anything runs
         tenant = "cli"
-
-        def loader(_tenant: str, _version: int):
-            return scales
+    loader = (lambda _tenant, _version: scales) if scales is not None else None
 
     engine = Engine(qm, EngineConfig(max_num_seqs=1, kv_cache_memory_bytes=64 * 2**20, scale_bank_memory_bytes=16 * 2**20),
                     scale_loader=loader)

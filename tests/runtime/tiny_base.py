@@ -14,19 +14,15 @@ from pathlib import Path
 def build_tiny_base(num_layers: int = 2, bits: int = 4, group_size: int = 64) -> Path:
     from scaleswap.runtime.checkpoint import load_checkpoint
     from scaleswap.runtime.config import QuantConfig
-    from scaleswap.runtime.quantize import _file_lock, cache_dir, is_quantized_base, quantize_checkpoint
+    from scaleswap.runtime.quantize import cached_base, quantize_checkpoint
 
-    gs = "pc" if group_size == -1 else f"g{group_size}"
-    out_dir = cache_dir() / "test-bases" / f"SmolLM2-135M-Instruct-first{num_layers}-{bits}bit-{gs}"
-    if is_quantized_base(out_dir):
-        return out_dir
-    with _file_lock(cache_dir() / "test-bases" / ".lock"):
-        if is_quantized_base(out_dir):
-            return out_dir
+    def build(out_dir: Path) -> None:
         ckpt = load_checkpoint(None)  # the default model (SmolLM2-135M-Instruct)
         keep = tuple(f"model.layers.{i}." for i in range(num_layers))
         state = {k: v for k, v in ckpt.state_dict.items() if not k.startswith("model.layers.") or k.startswith(keep)}
         ckpt = replace(ckpt, config=replace(ckpt.config, num_hidden_layers=num_layers), state_dict=state)
         quantize_checkpoint(ckpt, QuantConfig(bits=bits, group_size=group_size), out_dir,
                             source="tests: default model, first layers", show_progress=False)
-    return out_dir
+
+    gs = "pc" if group_size == -1 else f"g{group_size}"
+    return cached_base("test-bases", f"SmolLM2-135M-Instruct-first{num_layers}-{bits}bit-{gs}", build)

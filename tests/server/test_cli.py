@@ -78,7 +78,6 @@ def test_perplexity_json(tmp_path, quantized_base_dir):
 
 
 def test_perplexity_with_scales_from_another_base_is_refused(tmp_path, quantized_base_dir):
-    import torch
     from scaleswap.runtime.scale_set import BaseInfo, load_scale_set, save_scale_set
 
     base = load_scale_set(quantized_base_dir / "base_scales.safetensors")
