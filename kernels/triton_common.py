@@ -25,6 +25,20 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (tile row, tile col) in grouped order: GROUP_M tile rows sweep the columns together,
+    so the weight tiles they share stay in L2 (Triton's matmul tutorial)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_rows)
+    pid_n = (pid % num_pid_in_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def load_q_tile(qweight_ptr, stride_qn, offs_k, offs_n, mask_k, mask_n, BITS: tl.constexpr):
     """Q[offs_n, offs_k] as an int32 (BLOCK_K, BLOCK_N) tile, 0 where masked (transposed for tl.dot)."""
     bit = offs_k[:, None] * BITS  # (BK, 1) bit offset inside the row

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import is_interpreting, load_q_tile, m_bucket
+from .triton_common import grouped_tile, is_interpreting, load_q_tile, m_bucket
 
 DECODE_MAX_ROWS = 64
 
@@ -68,13 +68,7 @@ def per_channel_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_rows)
-    pid_n = (pid % num_pid_in_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
