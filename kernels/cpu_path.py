@@ -29,7 +29,8 @@ and ``bench/kernels.py``):
   distinct tenant ``X_t (C ⊙ S_t)ᵀ`` (the tenant's weight dequantized into a reused scratch
   buffer) or, when many tenants share a batch, per-group partial products
   ``Σ_g S[slot, :, g] ⊙ (X_g C_gᵀ)`` (one batched GEMM for every tenant, ~2–3× a dense GEMM).
-:func:`plan` makes the choice; ``force_plan`` overrides it (benchmarks).
+:func:`plan` makes the choice; ``force_plan`` overrides it (benchmarks); inside :func:`fp32_only` it never
+picks int4pack (group-wise: native for M <= 64, else the dense branches).
 
 Memory per weight element (N·K): packed Q on disk 0.25–0.5 B; int4pack copy 0.5 B (always built
 for bits <= 4); the float32 dense cache 4 B, built only the first time a call needs it (a prefill
@@ -44,14 +45,21 @@ Numerics: the int4pack path rounds activations, and its output, to bf16 (8-bit m
 significant digits); group-wise it also rounds each tenant's scales (and for 4-bit ``s·(8 − Z)``,
 whose cancellation against ``(Q − 8)·s`` costs up to s/32 per weight) to bf16. Bound checked by the
 tests: |Y − Y_ref| <= 2^-7 · Σ_k |X||W| (4-bit group-wise: 2^-6); in practice max |Y − Y_ref| /
-max |Y_ref| ≈ 3e-3 to 5e-3. The dense path is float32 throughout (~1e-6).
+max |Y_ref| ≈ 3e-3 to 5e-3. The dense and native paths are float32 throughout (~1e-6). Through the 30
+layers of SmolLM2-135M these per-layer errors move the logits by up to ~0.8 (of a range of ~±35) against
+the float32 path, while held-out perplexity changes by < 0.3 %: a greedy token can flip where the top
+two logits are that close, so the same request may decode differently alone and inside a batch (which
+changes M and so the branch). :func:`fp32_only` removes that (tests/runtime/test_fast_numerics.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -282,6 +290,26 @@ def _grouped_partial(x32: torch.Tensor, cache: CpuWeightCache, scale_rows_of: ca
     return y
 
 
+_FP32_ONLY: ContextVar[bool] = ContextVar("scaleswap_cpu_fp32_only", default=False)
+
+
+@contextlib.contextmanager
+def fp32_only(enabled: bool = True) -> Iterator[None]:
+    """Within this context (this thread / task only) the CPU path computes in float32 throughout: no bf16
+    int4pack branch. Results then depend on the batch's shape only through float32 rounding (~1e-4 on the
+    logits), at the price of slower small batches (the engine's ``precision="fp32"``)."""
+    token = _FP32_ONLY.set(enabled)
+    try:
+        yield
+    finally:
+        _FP32_ONLY.reset(token)
+
+
+def fp32_only_enabled() -> bool:
+    """Whether the caller is inside :func:`fp32_only`."""
+    return _FP32_ONLY.get()
+
+
 PLANS = ("int4pack", "int4pack-per-tenant", "native", "dense-fp32", "dense-fp32-per-tenant", "dense-fp32-grouped")
 force_plan: str | None = None  # benchmarks set this to time a branch the heuristic would not pick
 
@@ -301,7 +329,14 @@ def plan(weight, M: int, num_tenants: int) -> str:
         if forced == "native" and not (group_wise and cache.native_ok()):
             raise ValueError("the native kernel does not serve this weight (see CpuWeightCache.native_ok)")
         return forced
-    int4_rows = int4_max_rows(group_wise) if cache.int4 is not None else -1
+    if _FP32_ONLY.get():
+        if not group_wise:
+            return "dense-fp32"
+        if M <= _NATIVE_MAX_ROWS and cache.native_ok():
+            return "native"  # reads the 4-bit weights once, float32 FMA, any number of tenants
+        int4_rows = -1
+    else:
+        int4_rows = int4_max_rows(group_wise) if cache.int4 is not None else -1
     if not group_wise:
         return "int4pack" if M <= int4_rows else "dense-fp32"
     if num_tenants == 1:
@@ -364,7 +399,10 @@ def cpu_forward(
                     y.index_copy_(0, rows, cache.int4_mm(xb.index_select(0, rows), cache.sz_for_slot(scale_bank, slot)))
             y = y.to(torch.float32)
         elif path == "native":
-            slots = slot_ids if slot_ids.dtype == torch.int32 else slot_ids.to(torch.int32)
+            if slot_ids is None:
+                slots = torch.zeros(M, dtype=torch.int32)
+            else:
+                slots = slot_ids if slot_ids.dtype == torch.int32 else slot_ids.to(torch.int32)
             bank = scale_bank.detach()
             if bank.dtype != torch.float32 or not bank.is_contiguous():
                 bank = bank.to(torch.float32).contiguous()

@@ -30,6 +30,8 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from scaleswap.kernels.cpu_path import fp32_only
+
 from .attention import PagedAttention
 from .config import EngineConfig, SamplingParams
 from .forward_context import ForwardContext, forward_context
@@ -110,6 +112,7 @@ class Engine:
     def __init__(self, quantized, config: EngineConfig | None = None, scale_loader: ScaleLoader | None = None) -> None:
         """``quantized``: a ``quantize.QuantizedModel`` (model with QuantLinear modules, tokenizer, identity)."""
         self.config = config = config or EngineConfig()
+        self._fp32 = config.precision == "fp32"
         self.quantized = quantized
         self.model = quantized.model
         self.model_config = quantized.config
@@ -132,7 +135,7 @@ class Engine:
         modules = quantized.quant_linears()
         bytes_per_set = sum(4 * m.bank.shape[1] * m.bank.shape[2] for m in modules.values())
         max_resident = config.max_resident_tenants or max(1, config.scale_bank_memory_bytes // bytes_per_set)
-        if config.lm_head != "float32" and self.device.type == "cpu":
+        if config.lm_head != "float32" and config.precision == "fast" and self.device.type == "cpu":
             set_lm_head_precision(self.model, config.lm_head)
         # Build every kernel cache now (incl. the fp32 one prefill uses), not in the first requests:
         # no first-request latency spike, and the server's memory is what it is at start.
@@ -497,7 +500,7 @@ class Engine:
             with torch.inference_mode(False):  # a normal tensor: kernels cache per-step slot grouping on it
                 slot_ids = torch.tensor(slots, dtype=torch.int32, device=dev)  # (T,)
         attn = PagedAttention.build(self.kv_cache, attn_chunks, logits_rows, dev)
-        with forward_context(ForwardContext(slot_ids=slot_ids, attn=attn)):
+        with forward_context(ForwardContext(slot_ids=slot_ids, attn=attn)), fp32_only(self._fp32):
             logits = self.model(input_ids, positions)[0]  # (num_sampled, V)
         self.scheduler.advance(out)
         self.num_steps += 1

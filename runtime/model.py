@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scaleswap.kernels.cpu_path import fp32_only_enabled
+
 from .config import ModelConfig
 from .forward_context import get_forward_context
 
@@ -220,9 +222,11 @@ class DecodeLMHead(nn.Module):
     Used only inside the engine's steps (a ForwardContext with ``attn``). At decode the tied 49152×576 fp32 head of SmolLM2 reads 113 MB per step, the largest single cost of a
     batch-1 step on a CPU. For at most ``max_rows`` rows and with autograd off, this head uses a copy:
     ``int8``: per-row symmetric int8 weights through ``aten._weight_int8pack_mm`` with bf16 activations
-    (0.25× the bytes; logits within ~1 % relative of fp32, like llama.cpp's Q8_0 output tensor);
+    (0.25× the bytes; logits within ~2 % of their range of fp32, measured up to 0.65 of ±36 on SmolLM2,
+    like llama.cpp's Q8_0 output tensor);
     ``bfloat16``: bf16 weights (0.5× the bytes). Larger batches (prefill, perplexity) and training use the
-    fp32 weight, which stays the source of truth (it is also the tied embedding).
+    fp32 weight, which stays the source of truth (it is also the tied embedding), and so does a step inside
+    :func:`scaleswap.kernels.cpu_path.fp32_only` (the engine's ``precision="fp32"``).
     """
 
     def __init__(self, weight: nn.Parameter, precision: str, max_rows: int = 16):
@@ -246,7 +250,7 @@ class DecodeLMHead(nn.Module):
         ctx = get_forward_context()
         in_engine = ctx is not None and ctx.attn is not None  # only the serving engine's decode steps
         if (self.precision == "float32" or not in_engine or rows > self.max_rows or torch.is_grad_enabled()
-                or h.device.type != "cpu"):
+                or h.device.type != "cpu" or fp32_only_enabled()):
             return F.linear(h, self.weight)
         x = h.reshape(rows, C).to(torch.bfloat16)
         if self.precision == "int8":

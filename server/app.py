@@ -74,7 +74,8 @@ def resolve_model_dir(model: str | None, bits: int, group_size: int) -> Path:
 def _engine_config(settings: ServerSettings):
     from scaleswap.runtime.config import EngineConfig
 
-    kwargs: dict[str, Any] = {"max_waiting": settings.max_waiting, "device": settings.resolved_device()}
+    kwargs: dict[str, Any] = {"max_waiting": settings.max_waiting, "device": settings.resolved_device(),
+                              "precision": settings.precision}
     for name in ("max_num_seqs", "max_model_len", "max_resident_tenants"):
         if getattr(settings, name) is not None:
             kwargs[name] = getattr(settings, name)

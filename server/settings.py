@@ -52,6 +52,8 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="context length (engine default if unset)")
     max_resident_tenants: int | None = Field(None, ge=1, description="scale-bank slots (engine default if unset)")
     max_concurrent_per_tenant: int | None = Field(None, ge=1, description="requests in flight per tenant")
+    precision: str = Field("fast", description="CPU arithmetic: fast (bf16 int4 matmuls and int8 LM head for small "
+                                               "batches) or fp32 (float32 throughout: batch-independent results)")
 
     # -- limits and behaviour -----------------------------------------------------------------
     max_upload_mb: float = Field(256.0, gt=0, description="largest scale-set upload, MiB (413 beyond)")
@@ -68,6 +70,13 @@ class ServerSettings(BaseSettings):
         if v.lower() not in choices:
             raise ValueError(f"log level must be one of {', '.join(choices)}, got {v!r}")
         return v.lower()
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, v: str) -> str:
+        if v not in ("fast", "fp32"):
+            raise ValueError(f"precision must be fast or fp32, got {v!r}")
+        return v
 
     @field_validator("device")
     @classmethod

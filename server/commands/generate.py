@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--precision", choices=("fast", "fp32"), default="fast",
+                   help="CPU arithmetic: fast (default) or fp32 (float32 throughout; see `scaleswap serve --help`)")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(func=run)
 
@@ -41,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         tenant = "cli"
     loader = (lambda _tenant, _version: scales) if scales is not None else None
 
-    engine = Engine(qm, EngineConfig(max_num_seqs=1, kv_cache_memory_bytes=64 * 2**20, scale_bank_memory_bytes=16 * 2**20),
+    engine = Engine(qm, EngineConfig(max_num_seqs=1, kv_cache_memory_bytes=64 * 2**20, scale_bank_memory_bytes=16 * 2**20,
+                                 precision=args.precision),
                     scale_loader=loader)
     if tenant is not None:
         engine.set_tenant_version(tenant, 1)

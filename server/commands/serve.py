@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's, within the KV cache)")
     p.add_argument("--max-resident-tenants", type=int, help="tenant scale sets resident at once")
     p.add_argument("--max-concurrent-per-tenant", type=int, help="requests in flight per tenant (default unlimited)")
+    p.add_argument("--precision", choices=("fast", "fp32"),
+                   help="CPU arithmetic: fast (default: bf16 int4 matmuls and an int8 LM head for small batches; "
+                        "logits within ~1.5 of float32) or fp32 (float32 throughout: a request decodes the same "
+                        "alone or in any batch, up to float32 rounding; slower small batches)")
     p.add_argument("--max-upload-mb", type=float, help="largest scale-set upload in MiB (default 256)")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=float,
                    help="seconds to drain in-flight requests on SIGTERM (default 30)")

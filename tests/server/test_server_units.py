@@ -90,6 +90,12 @@ def test_settings_env_flags_and_exposure(monkeypatch):
         ServerSettings(admin_key="short")
     with pytest.raises(ValueError):
         ServerSettings(bits=5)
+    monkeypatch.setenv("SCALESWAP_PRECISION", "fp32")
+    from scaleswap.server.app import _engine_config
+
+    assert _engine_config(ServerSettings()).precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        ServerSettings(precision="fp16")
 
 
 def test_cli_refuses_open_server_on_public_host(tmp_path):
