@@ -22,6 +22,7 @@ Records: system, batch, tenants, tokens_per_s, vs_hf_b1, vs_single_tenant, wall_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -131,9 +132,14 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--profile", action="store_true", help="print where a decode step's time goes")
+    ap.add_argument("--precision", default="fast",
+                    help="comma list of engine precisions to compare in this run: fast, fp32 (default fast)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not precisions or any(p not in ("fast", "fp32") for p in precisions):
+        ap.error(f"--precision: a comma list of fast, fp32; got {args.precision!r}")
     max_tokens = args.max_tokens or (32 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
     if args.threads:
@@ -155,24 +161,28 @@ def main() -> int:
     per_seq_blocks = -(-(prompt_len + max_tokens) // 16) + 1
     cfg = EngineConfig(num_kv_blocks=maxb * per_seq_blocks + 8, max_num_seqs=max(64, maxb), max_waiting=max(256, maxb),
                        max_num_batched_tokens=max(512, maxb * prompt_len), max_resident_tenants=maxb + 1)
-    engine = Engine(qm, cfg, scale_loader=loader)
     records = []
 
     print(f"engine: 4-bit g64 SmolLM2-135M, {max_tokens} tokens per request, median of {repeats}")
     engine_rows = {}
-    for batch in batches:
-        for tenants in ([1, batch] if batch > 1 else [1]):
-            run_engine(engine, batch, tenants, 4)  # warm-up: loads tenants, builds caches
-            walls = []
-            for _ in range(repeats):
-                wall, n = run_engine(engine, batch, tenants, max_tokens)
-                walls.append(wall)
-            wall = statistics.median(walls)
-            tps = batch * max_tokens / wall
-            engine_rows[(batch, tenants)] = tps
-            print(f"  scaleswap   batch {batch:3d} tenants {tenants:3d}: {tps:8.1f} tok/s  ({wall:.2f} s)", flush=True)
-            records.append({"system": "scaleswap", "batch": batch, "tenants": tenants, "tokens_per_s": tps,
-                            "wall_s": wall, "max_tokens": max_tokens})
+    for precision in precisions:
+        engine = Engine(qm, dataclasses.replace(cfg, precision=precision), scale_loader=loader)
+        for batch in batches:
+            for tenants in ([1, batch] if batch > 1 else [1]):
+                run_engine(engine, batch, tenants, 4)  # warm-up: loads tenants, builds caches
+                walls = []
+                for _ in range(repeats):
+                    wall, n = run_engine(engine, batch, tenants, max_tokens)
+                    walls.append(wall)
+                wall = statistics.median(walls)
+                tps = batch * max_tokens / wall
+                engine_rows[(precision, batch, tenants)] = tps
+                print(f"  scaleswap {precision:4s} batch {batch:3d} tenants {tenants:3d}: {tps:8.1f} tok/s  ({wall:.2f} s)",
+                      flush=True)
+                records.append({"system": "scaleswap", "precision": precision, "batch": batch, "tenants": tenants,
+                                "tokens_per_s": tps, "wall_s": wall, "max_tokens": max_tokens})
+        if precision != precisions[-1]:
+            engine.close()
     hf_rows = {}
     if not args.no_hf:
         model = load_hf_model()
@@ -182,28 +192,33 @@ def main() -> int:
             wall = statistics.median(walls)
             hf_rows[batch] = tps = batch * max_tokens / wall
             print(f"  transformers batch {batch:3d} tenants   1: {tps:8.1f} tok/s  ({wall:.2f} s)", flush=True)
-            records.append({"system": "transformers", "batch": batch, "tenants": 1, "tokens_per_s": tps,
+            records.append({"system": "transformers", "precision": "fp32", "batch": batch, "tenants": 1, "tokens_per_s": tps,
                             "wall_s": wall, "max_tokens": max_tokens})
         del model
     hf1 = hf_rows.get(1)
     for r in records:
         r["vs_hf_b1"] = r["tokens_per_s"] / hf1 if hf1 else None
         if r["system"] == "scaleswap":
-            single = engine_rows.get((r["batch"], 1))
+            single = engine_rows.get((r["precision"], r["batch"], 1))
             r["vs_single_tenant"] = r["tokens_per_s"] / single if single else None
 
     print()
-    print(f"{'system':13s} {'batch':>5s} {'tenants':>7s} {'tok/s':>9s} {'vs HF b1':>9s} {'vs 1 tenant':>11s}")
+    print(f"{'system':13s} {'precision':>9s} {'batch':>5s} {'tenants':>7s} {'tok/s':>9s} {'vs HF b1':>9s} {'vs 1 tenant':>11s}")
     for r in records:
         vs = f"{r['vs_hf_b1']:.2f}x" if r["vs_hf_b1"] else "-"
         st = f"{r['vs_single_tenant']:.2f}x" if r.get("vs_single_tenant") else "-"
-        print(f"{r['system']:13s} {r['batch']:5d} {r['tenants']:7d} {r['tokens_per_s']:9.1f} {vs:>9s} {st:>11s}")
+        print(f"{r['system']:13s} {r['precision']:>9s} {r['batch']:5d} {r['tenants']:7d} {r['tokens_per_s']:9.1f} "
+              f"{vs:>9s} {st:>11s}")
+    p0 = precisions[0]
     if hf1:
-        b1 = engine_rows.get((1, 1))
-        b16 = engine_rows.get((16, 1))
-        print(f"targets: engine b1 >= 5x HF b1: {b1 / hf1:.2f}x" + (f"; engine b16 >= 15x: {b16 / hf1:.2f}x" if b16 else ""))
-    if (64, 64) in engine_rows:
-        print(f"target: 64 distinct tenants >= 0.9x single tenant: {engine_rows[(64, 64)] / engine_rows[(64, 1)]:.2f}x")
+        b1 = engine_rows.get((p0, 1, 1))
+        b16 = engine_rows.get((p0, 16, 1))
+        if b1:
+            print(f"targets ({p0}): engine b1 >= 5x HF b1: {b1 / hf1:.2f}x"
+                  + (f"; engine b16 >= 15x: {b16 / hf1:.2f}x" if b16 else ""))
+    if (p0, 64, 64) in engine_rows:
+        print(f"target ({p0}): 64 distinct tenants >= 0.9x single tenant: "
+              f"{engine_rows[(p0, 64, 64)] / engine_rows[(p0, 64, 1)]:.2f}x")
     stats = engine.stats()
     print(f"engine stats: {stats}")
 
@@ -237,8 +252,9 @@ def plot(records: list[dict], path: Path, title: str) -> None:
             labels.append(f"HF b{r['batch']}")
             colors.append("#999999")
         else:
-            labels.append(f"b{r['batch']}\n{r['tenants']}t")
-            colors.append("#1f77b4" if r["tenants"] == 1 else "#ff7f0e")
+            labels.append(f"b{r['batch']}\n{r['tenants']}t" + ("" if r["precision"] == "fast" else "\nfp32"))
+            colors.append(("#1f77b4" if r["tenants"] == 1 else "#ff7f0e") if r["precision"] == "fast"
+                          else ("#6baed6" if r["tenants"] == 1 else "#fdae6b"))
         vals.append(r["tokens_per_s"])
     ax.bar(range(len(vals)), vals, color=colors)
     ax.set_xticks(range(len(vals)), labels, fontsize=8)
