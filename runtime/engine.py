@@ -42,6 +42,8 @@ from .scale_bank import ScaleBank, ScaleLoader
 from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
 
+# torch's intra-op thread count when this module was imported (before any engine made others single-threaded)
+_DEFAULT_THREADS = torch.get_num_threads()
 log = logging.getLogger(__name__)
 
 
@@ -113,6 +115,7 @@ class Engine:
         """``quantized``: a ``quantize.QuantizedModel`` (model with QuantLinear modules, tokenizer, identity)."""
         self.config = config = config or EngineConfig()
         self._fp32 = config.precision == "fp32"
+        self._start_threads = _DEFAULT_THREADS  # the step thread's default team size
         self.quantized = quantized
         self.model = quantized.model
         self.model_config = quantized.config
@@ -172,13 +175,23 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Start the step thread (idempotent)."""
+        """Start the step thread (idempotent); return once it has set up its torch intra-op threads.
+
+        The step thread should own the process's only multi-threaded OpenMP team: GNU OpenMP spins only ~100
+        iterations (instead of ``GOMP_SPINCOUNT``) between parallel regions once it manages more threads than
+        there are CPUs, and each other thread that ran a large torch op keeps its own team for its life. Then
+        every small op of a decode step pays a futex wake-up (measured on 2 cores: batch-1 decode 1.6x slower).
+        So the server loads the model in a thread that exits (server/app.py), and ``scaleswap serve`` sets
+        ``GOMP_SPINCOUNT`` (server/commands/serve.py).
+        """
         if self._thread is not None:
             return
         assert not self._stepping_inline, "generate_batch is stepping in another thread"
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="scaleswap-engine", daemon=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(ready,), name="scaleswap-engine", daemon=True)
         self._thread.start()
+        ready.wait(30)
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Abort what is in flight, stop the step thread and the loader thread."""
@@ -382,9 +395,11 @@ class Engine:
         return results
 
     # ------------------------------------------------------------------ step thread
-    def _loop(self) -> None:
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
+    def _loop(self, ready: threading.Event | None = None) -> None:
+        # this thread's OpenMP team size (a per-thread setting): the configured count, else the process's
+        torch.set_num_threads(self.config.num_threads or self._start_threads)
+        if ready is not None:
+            ready.set()
         with torch.inference_mode():
             while True:
                 with self._cond:

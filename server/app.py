@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -82,6 +83,23 @@ def _engine_config(settings: ServerSettings):
     return EngineConfig(**kwargs)
 
 
+async def _in_fresh_thread(fn, *args):
+    """Run ``fn(*args)`` in a new thread that ends with it; await its result."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+        else:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+
+    threading.Thread(target=run, name="scaleswap-load", daemon=True).start()
+    return await fut
+
+
 async def _load_model(state: ServerState) -> None:
     """Background task: resolve, load and start the engine; publish the tenants' current versions."""
     from scaleswap.runtime.config import SamplingParams
@@ -93,12 +111,15 @@ async def _load_model(state: ServerState) -> None:
         meta = json.loads((model_dir / "quant_config.json").read_text())
         state.store.bind_base(meta["fingerprint"], model_dir / "base_scales.safetensors")
         t0 = time.perf_counter()
-        engine = await asyncio.to_thread(Engine.from_pretrained, model_dir, _engine_config(s), state.store.scale_loader)
+        # Loading and the warm-up run multi-threaded torch ops; they run in a thread of their own that then exits
+        # (not the executor's, whose threads live on), so the step thread ends up owning the only multi-threaded
+        # OpenMP team (see Engine.start).
+        engine = await _in_fresh_thread(Engine.from_pretrained, model_dir, _engine_config(s), state.store.scale_loader)
         t1 = time.perf_counter()
         for rec in state.store.list_tenants():
             engine.set_tenant_version(rec.id, rec.current_version)
         # Warm-up: the first forward builds lazy per-layer caches (seconds on CPU); pay it before /ready says so.
-        await asyncio.to_thread(engine.generate_batch, ["Hello"], SamplingParams(max_tokens=2, temperature=0.0))
+        await _in_fresh_thread(engine.generate_batch, ["Hello"], SamplingParams(max_tokens=2, temperature=0.0))
         engine.start()
         log.info("loaded %s in %.1f s, warm-up %.1f s", model_dir, t1 - t0, time.perf_counter() - t1)
         state.model_dir = model_dir
