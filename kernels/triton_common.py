@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -51,3 +52,34 @@ def load_q_tile(qweight_ptr, stride_qn, offs_k, offs_n, mask_k, mask_n, BITS: tl
         nxt = tl.load(ptrs + 1, mask=mask & (shift > 5), other=0).to(tl.int32)
         word = word | (nxt << 8)
     return (word >> shift) & ((1 << BITS) - 1)
+
+
+def launch(kernels: tuple, x: torch.Tensor, N: int, config: dict | None, interpret_config: dict,
+           decode_max_rows: int, head: tuple, mid: tuple, meta: dict) -> torch.Tensor:
+    """The launch both multi-tenant kernels share: a fixed ``config`` (``interpret_config`` under the
+    interpreter) or the decode / prefill autotuned variant by M; Y is a zeroed float32 buffer when split-K
+    tiles add into it atomically; grid (tiles, SPLIT_K). ``kernels`` = (kernel, decode-tuned, prefill-tuned);
+    the kernel's arguments are ``(*head, y, *mid, y.stride(0), y.stride(1))``. Returns Y in x.dtype.
+    """
+    kernel, decode_tuned, prefill_tuned = kernels
+    M = x.shape[0]
+    if config is None and is_interpreting():
+        config = interpret_config
+    decode = M <= decode_max_rows
+    split = (config or {}).get("SPLIT_K", 1) > 1 or (config is None and decode)
+    y = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split else torch.empty(
+        (M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.to(x.dtype)
+    args = (*head, y, *mid, y.stride(0), y.stride(1))
+
+    def grid(p):
+        return (triton.cdiv(M, p["BLOCK_M"]) * triton.cdiv(N, p["BLOCK_N"]), p["SPLIT_K"])
+
+    if config is not None:
+        kernel[grid](*args, **meta, **config)
+    elif decode:
+        decode_tuned[grid](*args, **meta)
+    else:
+        prefill_tuned[grid](*args, **meta)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import grouped_tile, is_interpreting, load_q_tile, m_bucket
+from .triton_common import grouped_tile, launch, load_q_tile, m_bucket
 
 DECODE_MAX_ROWS = 64
 
@@ -134,31 +134,10 @@ def group_wise_linear(
         raise ValueError(f"the Triton group-wise kernel needs a power-of-two group_size >= 16, got {group_size}")
     assert slot_ids is None or slot_ids.shape == (M,)
     assert x.device == qweight.device == scale_bank.device
-    if config is None and is_interpreting():
-        config = INTERPRET_CONFIG
-    decode = M <= DECODE_MAX_ROWS
-    split = (config or {}).get("SPLIT_K", 1) > 1 or (config is None and decode)
-    # split-K configs add partial tiles atomically: accumulate into a zeroed float32 buffer
-    y = torch.zeros((M, N), dtype=torch.float32, device=x.device) if split else torch.empty(
-        (M, N), dtype=x.dtype, device=x.device)
-    if M == 0:
-        return y.to(x.dtype)
-    args = (
-        x, qweight, zeros, scale_bank, slot_ids if slot_ids is not None else x, bias if bias is not None else x, y,
-        M, N, K, G, m_bucket(M),
-        x.stride(0), x.stride(1), qweight.stride(0), zeros.stride(0), zeros.stride(1),
-        scale_bank.stride(0), scale_bank.stride(1), scale_bank.stride(2), y.stride(0), y.stride(1),
-    )
+    head = (x, qweight, zeros, scale_bank, slot_ids if slot_ids is not None else x, bias if bias is not None else x)
+    mid = (M, N, K, G, m_bucket(M), x.stride(0), x.stride(1), qweight.stride(0), zeros.stride(0), zeros.stride(1),
+           scale_bank.stride(0), scale_bank.stride(1), scale_bank.stride(2))
     meta = dict(BITS=bits, HAS_SLOTS=slot_ids is not None, HAS_BIAS=bias is not None, IEEE_DOT=x.dtype == torch.float32,
                 GROUP_SIZE=group_size)
-
-    def grid(p):
-        return (triton.cdiv(M, p["BLOCK_M"]) * triton.cdiv(N, p["BLOCK_N"]), p["SPLIT_K"])
-
-    if config is not None:
-        group_wise_kernel[grid](*args, **meta, **config)
-    elif decode:
-        _decode_tuned[grid](*args, **meta)
-    else:
-        _prefill_tuned[grid](*args, **meta)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return launch((group_wise_kernel, _decode_tuned, _prefill_tuned), x, N, config, INTERPRET_CONFIG, DECODE_MAX_ROWS,
+                  head, mid, meta)
